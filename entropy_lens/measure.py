@@ -1,0 +1,107 @@
+"""Measured entropy change: one real optimizer step from the same checkpoint, then H' − H.
+
+The step minimises the batch objective (by default the GRPO token-mean clipped surrogate) with
+plain SGD or AdamW; the model is restored afterwards so several steps (learning rates, methods)
+can be measured from the same parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .forward import PackedBatch, response_logp_entropy
+from .objective import clipped_surrogate
+
+#: ``loss_fn(rows, logp, entropy) -> scalar``: the contribution of sequences ``rows`` (a slice of
+#: the batch) to the batch loss, already normalised by the batch-level normaliser.
+LossFn = Callable[[slice, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def trainable_params(model) -> dict[str, torch.nn.Parameter]:
+    """Named trainable parameters (tied weights appear once)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    """Detached copies of the trainable parameters."""
+    return {n: p.detach().clone() for n, p in trainable_params(model).items()}
+
+
+@torch.no_grad()
+def restore(model, params: dict[str, torch.Tensor]) -> None:
+    """Copy ``params`` back into the model's parameters in place."""
+    for n, p in trainable_params(model).items():
+        p.copy_(params[n])
+
+
+def grpo_token_mean_loss(
+    old_logp: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip: float | None = 3.0,
+) -> LossFn:
+    """GRPO clipped surrogate, token-mean over all valid tokens of the batch (L = mask.sum())."""
+    n_tokens = mask.sum().clamp(min=1).to(torch.float32)
+
+    def fn(rows: slice, logp: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+        m = mask[rows]
+        T = logp.shape[1]
+        per_tok = clipped_surrogate(logp, old_logp[rows, :T], adv[rows, :T], eps_low, eps_high, dual_clip)
+        return (per_tok * m[:, :T]).sum() / n_tokens
+
+    return fn
+
+
+def make_optimizer(params, optimizer: str, lr: float, weight_decay: float = 0.0):
+    """``sgd`` (plain, no momentum) or ``adamw`` (β = (0.9, 0.999), ε = 1e-8)."""
+    if not (lr > 0):
+        raise ValueError(f"learning rate must be > 0, got {lr}")
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    if optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {optimizer!r}; choose sgd or adamw")
+
+
+def one_step_update(
+    model,
+    packed: PackedBatch,
+    loss_fn: LossFn,
+    lr: float,
+    optimizer: str = "sgd",
+    temperature: float = 1.0,
+    micro_batch: int = 4,
+    weight_decay: float = 0.0,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], float]:
+    """Take one optimizer step on ``loss_fn`` (gradients accumulated over micro-batches).
+
+    Returns ``(delta, loss)``: the real update θ' − θ per parameter name and the batch loss.
+    The model is left at θ' (use :func:`restore` to go back). Dropout is off (eval mode).
+    """
+    model.eval()
+    params = trainable_params(model)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    opt = make_optimizer(list(params.values()), optimizer, lr, weight_decay)
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    B = packed.mask.shape[0]
+    for i in range(0, B, micro_batch):
+        rows = slice(i, min(i + micro_batch, B))
+        logp, ent = response_logp_entropy(model, packed.select(rows), temperature)
+        loss = loss_fn(rows, logp, ent)
+        if not torch.isfinite(loss):
+            raise FloatingPointError("non-finite loss in the one-step update")
+        loss.backward()
+        total += float(loss.detach())
+        if progress:
+            progress(rows.stop - rows.start)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        delta = {n: p.detach() - before[n] for n, p in params.items()}
+    return delta, total

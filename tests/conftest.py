@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny models and tokenizers built from a config (no downloads)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+WORDS = [str(i) for i in range(20)] + ["+", "-", "=", "Answer:", "the", "is", "what", "?", "so", "and"]
+
+
+def make_tokenizer():
+    """A word-level fast tokenizer with a ChatML-like template (vocabulary < 48 tokens)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "\n"]
+    vocab = {w: i for i, w in enumerate(specials + WORDS)}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>")
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+    )
+    return tok
+
+
+def make_model(vocab: int = 48, seed: int = 0, layers: int = 2, attn: str = "eager"):
+    """A tiny Llama-shaped causal LM built from a config, random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True, attn_implementation=attn)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # larger logits than the default init so distributions are not flat
+        model.model.embed_tokens.weight.mul_(20.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture()
+def tiny_model():
+    return make_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny HF model folder (safetensors + tokenizer)."""
+    d = tmp_path_factory.mktemp("tiny_model")
+    model = make_model(attn="sdpa")
+    model.save_pretrained(d, safe_serialization=True)
+    make_tokenizer().save_pretrained(d)
+    return d
+
+
+def write_rollouts(path: Path, rows: list[dict]) -> Path:
+    """Write rows as JSONL or parquet by suffix."""
+    import pandas as pd
+
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+def arithmetic_rows(n_groups: int = 3, n: int = 4) -> list[dict]:
+    """Rollout rows on the tiny vocabulary with mixed rewards in every group."""
+    rows = []
+    for g in range(n_groups):
+        for k in range(n):
+            rows.append({
+                "prompt": f"what is {g} + {k} ?",
+                "response": " ".join(["so", str(g), "+", str(k), "is"] + [str((g + k + j) % 20) for j in range(k + 1)]),
+                "reward": 1.0 if (g + k) % 2 == 0 else -1.0,
+            })
+    return rows

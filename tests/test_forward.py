@@ -1,0 +1,42 @@
+import torch
+
+from entropy_lens.forward import pack, response_logp_entropy, response_stats
+from entropy_lens.logits import logit_stats_reference
+
+
+def _batch():
+    prompts = [[2, 4, 10, 11, 3], [2, 4, 12, 3], [2, 5, 13, 14, 15, 3]]
+    responses = [[20, 21, 22], [23, 24, 25, 26, 27], [28]]
+    return prompts, responses
+
+
+def test_response_stats_equal_full_forward_reference(tiny_model):
+    prompts, responses = _batch()
+    packed = pack(prompts, responses, pad_id=0)
+    got = response_stats(tiny_model, packed, temperature=0.8, micro_batch=2, chunk_rows=2)
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        ids = torch.tensor([p + r])
+        with torch.no_grad():
+            logits = tiny_model(input_ids=ids).logits[0, len(p) - 1 : len(p) + len(r) - 1]
+        ref = logit_stats_reference(logits, torch.tensor(r), 0.8)
+        for k in ("logp", "entropy", "sum_p2", "sum_p2_logp"):
+            assert torch.allclose(got[k][b, : len(r)].double(), getattr(ref, k), atol=1e-5), k
+        assert torch.all(got["entropy"][b, len(r):] == 0)
+    assert packed.mask.sum(-1).tolist() == [3, 5, 1]
+
+
+def test_micro_batch_and_chunk_size_do_not_change_results(tiny_model):
+    packed = pack(*_batch(), pad_id=0)
+    a = response_stats(tiny_model, packed, micro_batch=1, chunk_rows=1)
+    b = response_stats(tiny_model, packed, micro_batch=3, chunk_rows=1000)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6)
+
+
+def test_differentiable_path_matches_no_grad_path(tiny_model):
+    packed = pack(*_batch(), pad_id=0)
+    logp, ent = response_logp_entropy(tiny_model, packed)
+    ref = response_stats(tiny_model, packed)
+    assert logp.requires_grad
+    assert torch.allclose(logp.detach(), ref["logp"], atol=1e-5)
+    assert torch.allclose(ent.detach(), ref["entropy"], atol=1e-5)
