@@ -12,7 +12,8 @@ from typing import Callable
 import torch
 
 from .forward import PackedBatch, response_logp_entropy
-from .objective import clipped_surrogate
+from .methods.base import MethodTerms
+from .methods.loss import method_per_token_loss
 
 #: ``loss_fn(rows, logp, entropy) -> scalar``: the contribution of sequences ``rows`` (a slice of
 #: the batch) to the batch loss, already normalised by the batch-level normaliser.
@@ -36,6 +37,20 @@ def restore(model, params: dict[str, torch.Tensor]) -> None:
         p.copy_(params[n])
 
 
+def token_mean_loss(terms: MethodTerms, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor) -> LossFn:
+    """A method's loss (``methods.loss``), token-mean over all valid tokens of the batch
+    (L = mask.sum()), split so that micro-batch contributions sum to the batch loss."""
+    n_tokens = mask.sum().clamp(min=1).to(torch.float32)
+
+    def fn(rows: slice, logp: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+        T = logp.shape[1]
+        sub = terms.rows(rows, T)
+        per_tok = method_per_token_loss(sub, logp, old_logp[rows, :T], adv[rows, :T], mask[rows, :T], entropy)
+        return per_tok.sum() / n_tokens
+
+    return fn
+
+
 def grpo_token_mean_loss(
     old_logp: torch.Tensor,
     adv: torch.Tensor,
@@ -44,16 +59,10 @@ def grpo_token_mean_loss(
     eps_high: float = 0.2,
     dual_clip: float | None = 3.0,
 ) -> LossFn:
-    """GRPO clipped surrogate, token-mean over all valid tokens of the batch (L = mask.sum())."""
-    n_tokens = mask.sum().clamp(min=1).to(torch.float32)
-
-    def fn(rows: slice, logp: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
-        m = mask[rows]
-        T = logp.shape[1]
-        per_tok = clipped_surrogate(logp, old_logp[rows, :T], adv[rows, :T], eps_low, eps_high, dual_clip)
-        return (per_tok * m[:, :T]).sum() / n_tokens
-
-    return fn
+    """GRPO clipped surrogate, token-mean over all valid tokens of the batch."""
+    terms = MethodTerms(weight=torch.ones_like(old_logp), touched=torch.zeros_like(mask), eps_low=eps_low,
+                        eps_high=eps_high, dual_clip=dual_clip)
+    return token_mean_loss(terms, old_logp, adv, mask)
 
 
 def make_optimizer(params, optimizer: str, lr: float, weight_decay: float = 0.0):

@@ -101,17 +101,20 @@ class TokenBatch:
         return pd.DataFrame(cols)
 
     @classmethod
-    def from_frame(cls, df: pd.DataFrame, meta: dict[str, Any] | None = None) -> "TokenBatch":
+    def from_frame(
+        cls, df: pd.DataFrame, meta: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32
+    ) -> "TokenBatch":
         """Inverse of :meth:`to_frame` for the TokenBatch fields (extra columns are ignored).
 
         Rows are placed by ``sample`` (0..B−1) and ``pos``; missing positions become padding.
+        Float fields get ``dtype`` (float64 when batch sums must not cancel).
         """
         need = {"sample", "group", "pos", "token_id", *TOKEN_FIELDS}
         missing = sorted(need - set(df.columns))
         if missing:
             raise ValueError(f"token frame lacks columns: {', '.join(missing)}")
-        sample = torch.as_tensor(df["sample"].to_numpy(np.int64))
-        pos = torch.as_tensor(df["pos"].to_numpy(np.int64))
+        sample = torch.tensor(df["sample"].to_numpy(np.int64))
+        pos = torch.tensor(df["pos"].to_numpy(np.int64))
         B = int(sample.max()) + 1 if len(df) else 0
         T = int(pos.max()) + 1 if len(df) else 0
         mask = torch.zeros(B, T, dtype=torch.bool)
@@ -119,18 +122,18 @@ class TokenBatch:
 
         def grid(col: str, dtype: torch.dtype) -> torch.Tensor:
             out = torch.zeros(B, T, dtype=dtype)
-            out[sample, pos] = torch.as_tensor(df[col].to_numpy()).to(dtype)
+            out[sample, pos] = torch.tensor(df[col].to_numpy()).to(dtype)
             return out
 
         group_id = torch.zeros(B, dtype=torch.long)
-        group_id[sample] = torch.as_tensor(df["group"].to_numpy(np.int64))
-        reward = torch.zeros(B, dtype=torch.float32)
+        group_id[sample] = torch.tensor(df["group"].to_numpy(np.int64))
+        reward = torch.zeros(B, dtype=dtype)
         if "reward" in df.columns:
-            reward[sample] = torch.as_tensor(df["reward"].to_numpy(np.float64)).float()
+            reward[sample] = torch.tensor(df["reward"].to_numpy(np.float64)).to(dtype)
         return cls(
             token_ids=grid("token_id", torch.long),
             mask=mask,
-            **{name: grid(name, torch.float32) for name in TOKEN_FIELDS},
+            **{name: grid(name, dtype) for name in TOKEN_FIELDS},
             group_id=group_id,
             reward=reward,
             meta=dict(meta or {}),

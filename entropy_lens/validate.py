@@ -207,8 +207,8 @@ def run_validate(
     packed = pack(tok.prompt_ids, tok.response_ids, tokenizer.pad_token_id)
     lengths = [len(r) for r in tok.response_ids]
     old = old_logp_grid(rollouts, lengths, source)
-    reward = torch.as_tensor(rollouts["reward"].to_numpy(np.float64), dtype=torch.float32)
-    group_id = torch.as_tensor(rollouts["group_id"].to_numpy(np.int64))
+    reward = torch.tensor(rollouts["reward"].to_numpy(np.float64), dtype=torch.float32)
+    group_id = torch.tensor(rollouts["group_id"].to_numpy(np.int64))
     batch, cols = instrument(model, packed, reward, group_id, old, settings, progress)
     dh_measured, dh_jvp, loss = measured_and_jvp(model, packed, batch, settings, progress)
     cols["dh_measured"] = dh_measured
@@ -228,7 +228,7 @@ def summarize(frame: pd.DataFrame, batch: TokenBatch, settings: ValidateSettings
     scores = {}
     for name in est.ESTIMATORS:
         if name in frame.columns:
-            pred = est.scaled_prediction(name, torch.as_tensor(frame[name].to_numpy()), settings.lr, L).numpy()
+            pred = est.scaled_prediction(name, torch.tensor(frame[name].to_numpy()), settings.lr, L).numpy()
             scores[name] = score_estimator(pred, meas)
     seq_adv = batch.adv.abs().amax(-1)
     n_groups = int(batch.group_id.unique().numel())

@@ -57,7 +57,7 @@ def estimator_table(scores: dict, title: str) -> Table:
     """Rich table of estimator scores from summary.json."""
     t = Table(title=title)
     for col in ("estimator", "PCC", "SRCC", "MSE", "sign agr.", "Σ predicted", "Σ measured"):
-        t.add_column(col, justify="right" if col != "estimator" else "left")
+        t.add_column(col, justify="right" if col != "estimator" else "left", no_wrap=True)
 
     def f(x, fmt):
         return "nan" if x is None or x != x else format(x, fmt)

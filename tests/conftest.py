@@ -38,7 +38,7 @@ def make_model(vocab: int = 48, seed: int = 0, layers: int = 2, attn: str = "eag
                       tie_word_embeddings=True, attn_implementation=attn)
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # larger logits than the default init so distributions are not flat
-        model.model.embed_tokens.weight.mul_(20.0)
+        model.model.embed_tokens.weight.mul_(5.0)
     return model
 
 
@@ -79,7 +79,7 @@ def arithmetic_rows(n_groups: int = 3, n: int = 4) -> list[dict]:
     for g in range(n_groups):
         for k in range(n):
             rows.append({
-                "prompt": f"what is {g} + {k} ?",
+                "prompt": f"what is {g} + {g} ?",
                 "response": " ".join(["so", str(g), "+", str(k), "is"] + [str((g + k + j) % 20) for j in range(k + 1)]),
                 "reward": 1.0 if (g + k) % 2 == 0 else -1.0,
             })

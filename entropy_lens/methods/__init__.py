@@ -1,0 +1,94 @@
+"""Entropy-intervention methods: a registry of small pure functions and the one objective.
+
+Contract (DESIGN.md "Core contracts"): a method is registered with
+
+    @register_method("name", summary="one line", factors=("clip", ...), params=SomeParams)
+    def name(batch: TokenBatch, params: SomeParams, ctx: MethodContext) -> MethodTerms: ...
+
+``SomeParams`` is a frozen dataclass (subclass of :class:`ClipParams`) validated on construction;
+``ctx`` carries the only random generator, η and the micro/mini-batch assignment of the sequences;
+:class:`MethodTerms` holds per-token weights (no gradient), clip bounds, an optional advantage
+override, an optional :class:`Penalty` and ``touched``/``stats``. :func:`method_loss` is the one
+place that turns terms into a loss (via :mod:`entropy_lens.objective`).
+
+Registered methods (SCIENCE.md §4): ``grpo``, ``clip_higher``, ``entropy_bonus``, ``fork_tokens``,
+``w_reinforce``, ``entropy_adv``, ``clip_cov``, ``kl_cov``, ``steer``.
+"""
+
+from __future__ import annotations
+
+from . import baselines as _baselines  # noqa: F401  (registers the methods)
+from . import covariance as _covariance  # noqa: F401
+from . import steer as _steer  # noqa: F401
+from .base import (
+    FACTORS,
+    GRPO_DUAL_CLIP,
+    GRPO_EPS_HIGH,
+    GRPO_EPS_LOW,
+    PENALTY_KINDS,
+    SCOPES,
+    ClipParams,
+    MethodContext,
+    MethodParams,
+    MethodSpec,
+    MethodTerms,
+    Penalty,
+    apply_method,
+    get_method,
+    list_methods,
+    make_context,
+    params_from_dict,
+    params_table,
+    register_method,
+    unregister_method,
+)
+from .baselines import (
+    ClipHigherParams,
+    EntropyAdvParams,
+    EntropyBonusParams,
+    ForkTokensParams,
+    GrpoParams,
+    WReinforceParams,
+    entropy_shaped_advantage,
+)
+from .covariance import ClipCovParams, KLCovParams, scoped_cov_term
+from .loss import method_loss, method_per_token_loss
+from .steer import SteerParams, steer_omega, steer_weights
+
+__all__ = [
+    "FACTORS",
+    "GRPO_DUAL_CLIP",
+    "GRPO_EPS_HIGH",
+    "GRPO_EPS_LOW",
+    "PENALTY_KINDS",
+    "SCOPES",
+    "ClipCovParams",
+    "ClipHigherParams",
+    "ClipParams",
+    "EntropyAdvParams",
+    "EntropyBonusParams",
+    "ForkTokensParams",
+    "GrpoParams",
+    "KLCovParams",
+    "MethodContext",
+    "MethodParams",
+    "MethodSpec",
+    "MethodTerms",
+    "Penalty",
+    "SteerParams",
+    "WReinforceParams",
+    "apply_method",
+    "entropy_shaped_advantage",
+    "get_method",
+    "list_methods",
+    "make_context",
+    "method_loss",
+    "method_per_token_loss",
+    "params_from_dict",
+    "params_table",
+    "register_method",
+    "scoped_cov_term",
+    "steer_omega",
+    "steer_weights",
+    "unregister_method",
+]

@@ -1,0 +1,420 @@
+"""The method contract: parameters, context, terms, penalty and the registry.
+
+A method is one small pure function ``fn(batch, params, ctx) -> MethodTerms`` registered under a
+snake_case name with :func:`register_method`. It never builds a loss itself: it returns per-token
+weights, clip bounds, an optional advantage override and an optional additive penalty, and
+:func:`entropy_lens.methods.loss.method_loss` (the one objective) turns those into a loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import typing
+from dataclasses import replace, dataclass, field, fields
+from typing import Any, Callable
+
+import torch
+
+from ..tokens import TokenBatch
+
+#: The four factors of SCIENCE.md §2 a method can act on (for the factor matrix).
+FACTORS = ("clip", "advantage", "probability", "entropy")
+
+#: Normalisation scopes (SCIENCE.md §3): the micro-batch, the mini-batch, the whole batch.
+SCOPES = ("micro", "mini", "batch")
+
+#: The GRPO clip defaults (SCIENCE.md §4, first row): ε_low = ε_high = 0.2, dual-clip c = 3.
+GRPO_EPS_LOW = 0.2
+GRPO_EPS_HIGH = 0.2
+GRPO_DUAL_CLIP = 3.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters
+# ---------------------------------------------------------------------------------------------
+
+
+def _interval(lo: float, hi: float, lo_open: bool, hi_open: bool) -> str:
+    def fmt(x: float) -> str:
+        return "inf" if x == math.inf else ("-inf" if x == -math.inf else f"{x:g}")
+
+    return f"{'(' if lo_open else '['}{fmt(lo)}, {fmt(hi)}{')' if hi_open or hi == math.inf else ']'}"
+
+
+def check_range(
+    name: str,
+    value: float,
+    lo: float = -math.inf,
+    hi: float = math.inf,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> None:
+    """Raise ``ValueError("name must be in [lo, hi], got v")`` unless lo ≤ value ≤ hi (open ends excluded)."""
+    ok = not math.isnan(value)
+    ok = ok and (value > lo if lo_open else value >= lo)
+    ok = ok and (value < hi if hi_open else value <= hi)
+    if not ok:
+        raise ValueError(f"{name} must be in {_interval(lo, hi, lo_open, hi_open)}, got {value!r}")
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Check/convert a parameter value against its annotation (float, int, bool, str, X | None)."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        hint = rest[0] if len(rest) == 1 else hint
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, got {value!r}")
+        return value
+    return value
+
+
+@dataclass(frozen=True)
+class MethodParams:
+    """Base of every method's parameters: a frozen dataclass, type-checked and validated on
+    construction (``validate`` raises ``ValueError`` naming the parameter and its valid range)."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        self.validate()
+
+    def validate(self) -> None:  # pragma: no cover - overridden
+        """Check value ranges; subclasses call ``super().validate()``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of the parameter values."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ClipParams(MethodParams):
+    """PPO-clip bounds shared by every method (SCIENCE.md §4: GRPO ε 0.2/0.2, dual-clip 3).
+
+    ``eps_low``/``eps_high`` ≥ 0 (``inf`` switches that side of the clip off); ``dual_clip`` is
+    ``None`` (off) or > 1.
+    """
+
+    eps_low: float = GRPO_EPS_LOW
+    eps_high: float = GRPO_EPS_HIGH
+    dual_clip: float | None = GRPO_DUAL_CLIP
+
+    def validate(self) -> None:
+        check_range("eps_low", self.eps_low, 0.0, math.inf)
+        check_range("eps_high", self.eps_high, 0.0, math.inf)
+        if self.dual_clip is not None:
+            check_range("dual_clip", self.dual_clip, 1.0, math.inf, lo_open=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Context, penalty, terms
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class MethodContext:
+    """What a method may use besides the batch and its parameters.
+
+    ``generator``: the only source of randomness. ``lr``: η. ``scope_index``: ``[B]`` ints, the
+    micro-batch of each sequence (``None``: the whole batch is one micro-batch). ``mini_index``:
+    ``[B]`` ints, the mini-batch of each sequence (``None``: the whole batch is one mini-batch).
+    """
+
+    generator: torch.Generator
+    lr: float = 1e-6
+    scope_index: torch.Tensor | None = None
+    mini_index: torch.Tensor | None = None
+
+    def scope_ids(self, scope: str, batch_size: int) -> torch.Tensor:
+        """Contiguous scope id 0..S−1 of each of the ``batch_size`` sequences for ``scope``."""
+        check_choice("scope", scope, SCOPES)
+        index = {"micro": self.scope_index, "mini": self.mini_index, "batch": None}[scope]
+        if index is None:
+            return torch.zeros(batch_size, dtype=torch.long)
+        if tuple(index.shape) != (batch_size,):
+            raise ValueError(f"{scope} scope index has shape {tuple(index.shape)}, expected ({batch_size},)")
+        return torch.unique(index, return_inverse=True)[1].to(torch.long)
+
+
+def make_context(
+    seed: int = 0,
+    lr: float = 1e-6,
+    batch_size: int | None = None,
+    micro_batch_size: int | None = None,
+    mini_batch_size: int | None = None,
+    device: str | torch.device = "cpu",
+) -> MethodContext:
+    """A context with a fresh generator seeded with ``seed``; consecutive sequences are split into
+    micro-/mini-batches of the given sizes (``None``: one scope for the whole batch)."""
+
+    def chunks(size: int | None) -> torch.Tensor | None:
+        if size is None:
+            return None
+        if batch_size is None:
+            raise ValueError("batch_size is needed to split the batch into micro-/mini-batches")
+        if size < 1:
+            raise ValueError(f"micro/mini batch size must be >= 1, got {size}")
+        return torch.arange(batch_size) // size
+
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    return MethodContext(
+        generator=gen, lr=lr, scope_index=chunks(micro_batch_size), mini_index=chunks(mini_batch_size)
+    )
+
+
+#: Kinds of additive penalty the objective knows how to evaluate.
+PENALTY_KINDS = ("entropy_bonus", "abs_logratio")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Penalty:
+    """An additive per-token loss term, evaluated by the objective on the *current* tensors.
+
+    - ``entropy_bonus``: −coef · H (loss −= β·H; gradient through the full softmax via ``entropy``);
+    - ``abs_logratio``: coef · |log p − log p_old| (KL-Cov, Cui et al. arXiv 2505.22617).
+    ``select`` ``[B, T]`` bool restricts it to some tokens (``None``: every valid token). The term is
+    added after the per-token weight (it is not weighted) and aggregated with the same mode.
+    """
+
+    kind: str
+    coef: float
+    select: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("penalty kind", self.kind, PENALTY_KINDS)
+
+    @property
+    def needs_entropy(self) -> bool:
+        return self.kind == "entropy_bonus"
+
+    def per_token(
+        self, logp: torch.Tensor, old_logp: torch.Tensor, entropy: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The penalty of every token, ``[B, T]``, differentiable w.r.t. ``logp``/``entropy``."""
+        if self.kind == "entropy_bonus":
+            if entropy is None:
+                raise ValueError("the entropy_bonus penalty needs the current entropy tensor")
+            val = -self.coef * entropy
+        else:
+            val = self.coef * (logp - old_logp).abs()
+        if self.select is not None:
+            val = val * self.select.to(val.dtype)
+        return val
+
+    def dlogp(self, logp: torch.Tensor, old_logp: torch.Tensor) -> torch.Tensor | None:
+        """∂(penalty)/∂ log p of the sampled token where the penalty depends on log p only
+        (``abs_logratio``: coef·sign(log p − log p_old)); ``None`` for ``entropy_bonus``, whose
+        gradient moves the whole distribution."""
+        if self.kind != "abs_logratio":
+            return None
+        g = self.coef * torch.sign(logp - old_logp)
+        if self.select is not None:
+            g = g * self.select.to(g.dtype)
+        return g
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-friendly description."""
+        return {
+            "kind": self.kind,
+            "coef": float(self.coef),
+            "n_selected": None if self.select is None else int(self.select.sum()),
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class MethodTerms:
+    """What a method returns; :func:`~entropy_lens.methods.loss.method_loss` turns it into a loss.
+
+    ``weight`` ``[B, T]``: multiplies the per-token clipped surrogate, carries no gradient, 1 means
+    untouched (also 1 on padding). ``eps_low``/``eps_high``: clip bounds (float or ``[B, T]``).
+    ``dual_clip``: ``None`` or c > 1. ``adv``: ``[B, T]`` advantage override or ``None``.
+    ``penalty``: additive :class:`Penalty` or ``None``. ``touched`` ``[B, T]`` bool: valid tokens
+    whose loss term differs from plain GRPO's. ``stats``: 0-d tensors for logging.
+    """
+
+    weight: torch.Tensor
+    touched: torch.Tensor
+    eps_low: float | torch.Tensor = GRPO_EPS_LOW
+    eps_high: float | torch.Tensor = GRPO_EPS_HIGH
+    dual_clip: float | None = GRPO_DUAL_CLIP
+    adv: torch.Tensor | None = None
+    penalty: Penalty | None = None
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        shape = tuple(self.weight.shape)
+        if self.weight.requires_grad:
+            raise ValueError("MethodTerms.weight must carry no gradient (detach it)")
+        if tuple(self.touched.shape) != shape or self.touched.dtype != torch.bool:
+            raise ValueError("MethodTerms.touched must be a bool tensor shaped like weight")
+        if self.adv is not None and tuple(self.adv.shape) != shape:
+            raise ValueError(f"MethodTerms.adv has shape {tuple(self.adv.shape)}, weight has {shape}")
+        for name in ("eps_low", "eps_high"):
+            v = getattr(self, name)
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) != shape:
+                raise ValueError(f"MethodTerms.{name} has shape {tuple(v.shape)}, weight has {shape}")
+
+    def rows(self, rows: slice, width: int | None = None) -> "MethodTerms":
+        """The terms of sequences ``rows`` (and the first ``width`` positions), for micro-batches."""
+
+        def cut(t: Any) -> Any:
+            if isinstance(t, torch.Tensor) and t.dim() == 2:
+                return t[rows, :width]
+            return t
+
+        pen = self.penalty
+        if pen is not None and pen.select is not None:
+            pen = replace(pen, select=cut(pen.select))
+        return replace(
+            self, weight=cut(self.weight), touched=cut(self.touched), eps_low=cut(self.eps_low),
+            eps_high=cut(self.eps_high), adv=cut(self.adv), penalty=pen,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------------
+
+MethodFn = Callable[[TokenBatch, Any, MethodContext], MethodTerms]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: its function, one-line summary, parameter class and factors."""
+
+    name: str
+    fn: MethodFn
+    summary: str
+    factors: tuple[str, ...]
+    params: type
+
+    def default_params(self) -> Any:
+        return self.params()
+
+    def __call__(self, batch: TokenBatch, params: Any, ctx: MethodContext) -> MethodTerms:
+        if not isinstance(params, self.params):
+            raise TypeError(f"{self.name} expects {self.params.__name__}, got {type(params).__name__}")
+        return self.fn(batch, params, ctx)
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def register_method(
+    name: str,
+    *,
+    summary: str,
+    factors: tuple[str, ...] = (),
+    params: type,
+) -> Callable[[MethodFn], MethodFn]:
+    """Decorator registering ``fn(batch, params, ctx) -> MethodTerms`` under ``name``.
+
+    ``name`` is snake_case and unique (a duplicate is an error); ``factors`` ⊆ :data:`FACTORS`;
+    ``params`` is a frozen dataclass whose defaults construct (all fields have defaults).
+    """
+    if not _NAME_RE.match(name):
+        raise ValueError(f"method name must be snake_case, got {name!r}")
+    if name in _REGISTRY:
+        raise ValueError(f"method {name!r} is already registered")
+    bad = [f for f in factors if f not in FACTORS]
+    if bad:
+        raise ValueError(f"unknown factor(s) {', '.join(map(repr, bad))}; valid: {', '.join(FACTORS)}")
+    if not (dataclasses.is_dataclass(params) and params.__dataclass_params__.frozen):
+        raise ValueError(f"params of method {name!r} must be a frozen dataclass")
+    if not summary or "\n" in summary:
+        raise ValueError("summary must be one non-empty line")
+
+    def deco(fn: MethodFn) -> MethodFn:
+        _REGISTRY[name] = MethodSpec(name=name, fn=fn, summary=summary, factors=tuple(factors), params=params)
+        return fn
+
+    return deco
+
+
+def unregister_method(name: str) -> None:
+    """Remove a method (for tests and plugins that replace one deliberately)."""
+    _REGISTRY.pop(name, None)
+
+
+def list_methods() -> list[str]:
+    """Registered method names, in registration order."""
+    return list(_REGISTRY)
+
+
+def get_method(name: str) -> MethodSpec:
+    """The :class:`MethodSpec` registered under ``name``; unknown → ValueError listing the names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(_REGISTRY)}") from None
+
+
+def params_from_dict(name: str, values: dict[str, Any] | None = None) -> Any:
+    """Build method ``name``'s parameters from a dict (defaults for missing keys).
+
+    Unknown keys → ValueError listing the valid ones; out-of-range values → ValueError naming the
+    parameter and the valid range (both prefixed with the method name).
+    """
+    spec = get_method(name)
+    values = dict(values or {})
+    valid = [f.name for f in fields(spec.params)]
+    unknown = sorted(k for k in values if k not in valid)
+    if unknown:
+        raise ValueError(
+            f"{name}: unknown parameter(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}"
+        )
+    try:
+        return spec.params(**values)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+
+
+def apply_method(
+    name: str,
+    batch: TokenBatch,
+    params: Any = None,
+    ctx: MethodContext | None = None,
+) -> MethodTerms:
+    """Run method ``name``; ``params`` may be its dataclass, a dict of overrides or ``None``
+    (defaults); ``ctx`` defaults to :func:`make_context` (seed 0, whole-batch scopes)."""
+    spec = get_method(name)
+    if params is None or isinstance(params, dict):
+        params = params_from_dict(name, params)
+    if ctx is None:
+        ctx = make_context(0)
+    return spec(batch, params, ctx)
+
+
+def params_table(name: str) -> list[tuple[str, Any]]:
+    """(parameter, default) pairs of method ``name``, in declaration order."""
+    spec = get_method(name)
+    defaults = spec.params()
+    return [(f.name, getattr(defaults, f.name)) for f in fields(spec.params)]
+

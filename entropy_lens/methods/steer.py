@@ -1,0 +1,178 @@
+"""STEER: per-token weights from the predicted entropy change (arXiv 2510.10150; SCIENCE.md §3).
+
+Each valid token gets a weight λ ∈ [λ_min, λ_max] (no gradient) that multiplies its clipped
+surrogate; the loss stays a token-mean over valid tokens, weights not renormalised.
+
+Score ω (``omega``):
+- ``code`` (released reference code, default): ω = (A / p_old)·p(1−p)·(log p + H_old)
+  (:func:`entropy_lens.estimators.omega_code`; H_old is the batch's recorded ``entropy``);
+- ``paper`` (Theorem 1 of v4): ω = −r·A·p(1−p)·(log p + H), i.e. Ω of
+  :func:`entropy_lens.estimators.omega_paper` *without* the constant η/L (with η/L every |Ω|
+  would sit far below the 0.02 floor and the weights would all be ≈ 1) and without I_clip;
+- ``use_iclip``: multiply ω by I_clip (computed with the method's own clip bounds) for either form.
+
+Mapping, with M = max|ω| and m = min|ω| over the valid tokens of the scope:
+- ``exp`` (default): k = ln(1/λ_min) / max(M, 0.02); λ = clamp(exp(−k·|ω|), λ_min, 1). The token
+  with |ω| = M gets exactly λ_min unless M < 0.02, in which case none reaches λ_min.
+- ``linear``: λ = λ_max − (|ω| − m)·(λ_max − λ_min)/(M − m), clamped to [λ_min, λ_max];
+  (λ_min + λ_max)/2 where M = m.
+
+Decision on λ_max: ``lambda_max=None`` resolves to 1.0 for ``exp`` (the mapping is clamped to
+[λ_min, 1]; any other explicit value is an error) and to 1.2 for ``linear`` (the released script's
+range [0.8, 1.2]). Defaults follow the released script: ``exp``, ``code``, no I_clip, λ_min = 0.8
+(the paper v4 uses 0.7), scope = micro-batch. Clip bounds default to GRPO's (0.2/0.2, dual-clip 3)
+so that λ_min = 1 is exactly GRPO; the paper's runs used ε 0.2/0.28 and dual-clip 10.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..estimators import omega_code, omega_paper
+from ..objective import clip_active
+from ..tokens import TokenBatch
+from .base import (
+    SCOPES,
+    ClipParams,
+    MethodContext,
+    MethodTerms,
+    check_choice,
+    check_range,
+    register_method,
+)
+from .baselines import clip_changed, plain_terms, valid_mean
+from .scopes import scope_max, scope_min
+
+#: Floor on max|ω| in the exp mapping's rate k (reference code).
+OMEGA_FLOOR = 0.02
+#: λ_max of the linear mapping when not given (released script range [0.8, 1.2]).
+LINEAR_LAMBDA_MAX = 1.2
+MAPPINGS = ("exp", "linear")
+OMEGA_FORMS = ("code", "paper")
+
+
+@dataclass(frozen=True)
+class SteerParams(ClipParams):
+    """STEER options (module docstring). λ_min ∈ (0, 1]; λ_max ≥ λ_min (linear only)."""
+
+    mapping: str = "exp"
+    omega: str = "code"
+    use_iclip: bool = False
+    lambda_min: float = 0.8
+    lambda_max: float | None = None
+    scope: str = "micro"
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice("mapping", self.mapping, MAPPINGS)
+        check_choice("omega", self.omega, OMEGA_FORMS)
+        check_choice("scope", self.scope, SCOPES)
+        check_range("lambda_min", self.lambda_min, 0.0, 1.0, lo_open=True)
+        if self.lambda_max is not None:
+            if self.mapping == "exp" and self.lambda_max != 1.0:
+                raise ValueError(
+                    f"lambda_max must be 1 (or unset) with mapping='exp', which clamps to [lambda_min, 1]; "
+                    f"got {self.lambda_max!r}"
+                )
+            check_range("lambda_max", self.lambda_max, self.lambda_min, math.inf, hi_open=True)
+        elif self.mapping == "linear" and self.lambda_min > LINEAR_LAMBDA_MAX:
+            raise ValueError(f"lambda_min must be <= lambda_max={LINEAR_LAMBDA_MAX}, got {self.lambda_min!r}")
+
+    @property
+    def resolved_lambda_max(self) -> float:
+        if self.lambda_max is not None:
+            return self.lambda_max
+        return 1.0 if self.mapping == "exp" else LINEAR_LAMBDA_MAX
+
+
+def steer_omega(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    entropy: torch.Tensor,
+    adv: torch.Tensor,
+    ratio: torch.Tensor,
+    iclip: torch.Tensor,
+    form: str = "code",
+    use_iclip: bool = False,
+) -> torch.Tensor:
+    """STEER score ω per token (see module docstring); ``iclip`` is I_clip (bool or 0/1)."""
+    check_choice("omega", form, OMEGA_FORMS)
+    if form == "code":
+        om = omega_code(logp, old_logp, entropy, adv)
+    else:
+        om = omega_paper(logp, entropy, adv, ratio, 1.0, lr=1.0, n_tokens=1)
+    if use_iclip:
+        om = om * iclip.to(om.dtype)
+    return om
+
+
+def steer_weights(
+    omega_abs: torch.Tensor,
+    mask: torch.Tensor,
+    seq_scope: torch.Tensor,
+    mapping: str = "exp",
+    lambda_min: float = 0.8,
+    lambda_max: float = 1.0,
+) -> torch.Tensor:
+    """λ per token from |ω| ``[B, T]``, max/min over each scope's valid tokens; 1 on padding.
+
+    ``seq_scope`` ``[B]``: contiguous scope id of each sequence. See the module docstring.
+    """
+    check_choice("mapping", mapping, MAPPINGS)
+    a = omega_abs.detach().to(torch.float64)  # mapping in fp64; result in the input dtype
+    tok_scope = seq_scope.to(a.device)[:, None].expand(a.shape)
+    M = scope_max(a, mask, seq_scope)[tok_scope]
+    if mapping == "exp":
+        k = math.log(1.0 / lambda_min) / torch.clamp(M, min=OMEGA_FLOOR)
+        lam = torch.clamp(torch.exp(-k * a), lambda_min, 1.0)
+    else:
+        m = scope_min(a, mask, seq_scope)[tok_scope]
+        span = M - m
+        equal = span <= 0
+        lin = lambda_max - (a - m) * (lambda_max - lambda_min) / torch.where(equal, 1.0, span)
+        lam = torch.where(equal, 0.5 * (lambda_min + lambda_max), torch.clamp(lin, lambda_min, lambda_max))
+    lam = torch.where(mask, lam, torch.ones((), dtype=lam.dtype, device=lam.device))
+    return lam.to(omega_abs.dtype)
+
+
+@register_method(
+    "steer",
+    summary="weight each token by lambda in [lambda_min, 1] from its predicted entropy change (STEER, arXiv 2510.10150)",
+    factors=("clip", "advantage", "probability", "entropy"),
+    params=SteerParams,
+)
+def steer(batch: TokenBatch, params: SteerParams, ctx: MethodContext) -> MethodTerms:
+    mask = batch.mask
+    ratio = batch.ratio.detach()
+    iclip = clip_active(ratio, batch.adv, params.eps_low, params.eps_high, params.dual_clip)
+    om = steer_omega(
+        batch.logp.detach(),
+        batch.old_logp,
+        batch.entropy.detach(),
+        batch.adv,
+        ratio,
+        iclip,
+        params.omega,
+        params.use_iclip,
+    )
+    seq_scope = ctx.scope_ids(params.scope, mask.shape[0])
+    lam = steer_weights(
+        om.abs(), mask, seq_scope, params.mapping, params.lambda_min, params.resolved_lambda_max
+    ).to(torch.float32)
+    touched = (mask & (lam != 1.0)) | clip_changed(batch, batch.adv, params.eps_low, params.eps_high, params.dual_clip)
+    big = om.abs().masked_fill(~mask, 0.0)
+    return plain_terms(
+        batch,
+        params,
+        weight=lam.detach(),
+        touched=touched,
+        stats={
+            "weight_mean": valid_mean(lam, mask),
+            "weight_min": lam.masked_fill(~mask, math.inf).min() if mask.any() else torch.tensor(1.0),
+            "frac_at_lambda_min": valid_mean((lam <= params.lambda_min).float(), mask),
+            "omega_abs_max": big.max() if big.numel() else torch.tensor(0.0),
+        },
+    )

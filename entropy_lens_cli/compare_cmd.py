@@ -1,0 +1,207 @@
+"""``entropy-lens compare`` and ``entropy-lens methods`` (thin: parsing, files, tables).
+
+The main app calls :func:`register` to add both commands. All numbers come from
+:func:`entropy_lens.compare.compare_methods` and the method registry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from entropy_lens.compare import COMPARE_ESTIMATORS, compare_methods, validate_tokens_frame
+from entropy_lens.methods import get_method, list_methods, params_from_dict, params_table
+
+#: Exit code for a user error (unknown method / parameter, bad value, missing or malformed input
+#: file), as for the other commands of the app.
+EXIT_USAGE = 2
+EXIT_INPUT = 2
+
+
+def _fail(message: str, code: int) -> None:
+    """One line on stderr, then exit with ``code``."""
+    typer.echo("error: " + " ".join(str(message).split()), err=True)
+    raise typer.Exit(code)
+
+
+def parse_value(text: str) -> Any:
+    """``--set`` value: true/false → bool, none/null → None, int, float (incl. inf), else string."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_overrides(items: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
+    """``["steer.lambda_min=0.7", ...]`` → ``{"steer": {"lambda_min": 0.7}}``; ValueError (one line)
+    on a malformed item, an unknown method, a method not being compared, or an unknown key / bad
+    value (checked by constructing the parameters)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        meth, dot, param = key.strip().partition(".")
+        if not sep or not dot or not meth or not param:
+            raise ValueError(f"--set expects METHOD.PARAM=VALUE, got {item!r}")
+        get_method(meth)
+        if meth not in methods:
+            raise ValueError(f"--set {key}: method {meth!r} is not being compared (add -m {meth})")
+        out.setdefault(meth, {})[param] = parse_value(value)
+    for meth, values in out.items():
+        params_from_dict(meth, values)
+    return out
+
+
+def _write_atomic(out: Path, files: dict[str, Any]) -> None:
+    """Write every file to a temp file in ``out`` first, then rename them all into place."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmps: dict[str, str] = {}
+    try:
+        for name, writer in files.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out)
+            os.close(fd)
+            tmps[name] = tmp
+            writer(tmp)
+        for name, tmp in tmps.items():
+            os.replace(tmp, out / name)
+    finally:
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import pandas
+    import pyarrow
+    import torch
+
+    import entropy_lens
+
+    return {
+        "python": platform.python_version(),
+        "entropy_lens": getattr(entropy_lens, "__version__", "unknown"),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "pandas": pandas.__version__,
+        "pyarrow": pyarrow.__version__,
+    }
+
+
+def _fmt(x: Any) -> str:
+    return "n/a" if x is None else f"{x:+.3e}"
+
+
+def compare(
+    tokens: Annotated[Path, typer.Argument(help="tokens.parquet written by `entropy-lens analyze`")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="output directory (compare.parquet, summary.json)")],
+    method: Annotated[
+        Optional[list[str]],
+        typer.Option("-m", "--method", help="method to compare (repeatable); default: every registered method"),
+    ] = None,
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", help="parameter override METHOD.PARAM=VALUE, e.g. steer.lambda_min=0.7 (repeatable)"),
+    ] = None,
+    lr: Annotated[float, typer.Option("--lr", help="learning rate η of the first-order predictions")] = 1e-6,
+    seed: Annotated[int, typer.Option("--seed", help="seed of every random choice (Clip-Cov)")] = 0,
+    # --measure MODEL: reserved. A later option will take one optimizer step per method through
+    # entropy_lens.methods.method_loss on a real model and add measured ΔH (see the marked place below).
+) -> None:
+    """Predict each method's entropy change on one recorded batch (closed-form estimators)."""
+    methods = list(method) if method else list_methods()
+    try:
+        for m in methods:
+            get_method(m)
+        if len(set(methods)) != len(methods):
+            raise ValueError("a method is listed more than once")
+        overrides = parse_overrides(list(set_ or []), methods)
+    except ValueError as e:
+        _fail(str(e), EXIT_USAGE)
+
+    if not tokens.is_file():
+        _fail(f"{tokens}: no such file", EXIT_INPUT)
+    try:
+        import pandas as pd
+
+        df = pd.read_parquet(tokens)
+    except Exception as e:  # noqa: BLE001 - any reader failure is one line for the user
+        _fail(f"{tokens}: cannot read parquet ({type(e).__name__}: {e})", EXIT_INPUT)
+    try:
+        validate_tokens_frame(df)
+        long_df, summary = compare_methods(df, methods, overrides, lr=lr, seed=seed)
+    except ValueError as e:
+        _fail(f"{tokens}: {e}", EXIT_INPUT)
+
+    # --- place for --measure (later): measured ΔH per method merged into long_df / summary here ---
+
+    summary = {
+        "command": "compare",
+        "tokens": str(tokens),
+        "methods_requested": methods,
+        "overrides": overrides,
+        "versions": _versions(),
+        **summary,
+    }
+    _write_atomic(
+        out,
+        {
+            "compare.parquet": lambda p: long_df.to_parquet(p, index=False),
+            "summary.json": lambda p: Path(p).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n"),
+        },
+    )
+
+    table = Table(title=f"predicted batch ΔH (nats, lr={lr:g}, {summary['n_tokens']} tokens)")
+    table.add_column("method")
+    table.add_column("touched", justify="right")
+    table.add_column("mean w", justify="right")
+    for e in COMPARE_ESTIMATORS:
+        table.add_column(e, justify="right")
+    table.add_column("penalty")
+    for name, res in summary["methods"].items():
+        pen = res["penalty_dh"]
+        note = "" if pen is None else ("folded in" if pen["folded_into"] else "not included (see summary)")
+        table.add_row(
+            name,
+            f"{100 * res['touched_share']:.1f}%",
+            f"{res['weight_mean']:.3f}",
+            *[_fmt(res["predicted_dh"][e]) for e in COMPARE_ESTIMATORS],
+            note,
+        )
+    console = Console()
+    console.print(table)
+    console.print(f"wrote {out / 'compare.parquet'} and {out / 'summary.json'}")
+
+
+def methods() -> None:
+    """List the registered methods: name, summary, parameters with defaults, factors touched."""
+    table = Table(title="entropy_lens methods")
+    table.add_column("method", no_wrap=True)
+    table.add_column("summary")
+    table.add_column("parameters (defaults)")
+    table.add_column("factors")
+    for name in list_methods():
+        spec = get_method(name)
+        params = "\n".join(f"{k}={v}" for k, v in params_table(name))
+        table.add_row(name, spec.summary, params, ", ".join(spec.factors) or "-")
+    Console().print(table)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``compare`` and ``methods`` commands to the main app."""
+    app.command("compare")(compare)
+    app.command("methods")(methods)

@@ -1,0 +1,109 @@
+import json
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from entropy_lens_cli.app import app
+from conftest import arithmetic_rows, write_rollouts
+
+runner = CliRunner()
+
+COLUMNS = ["sample", "group", "pos", "token_id", "token", "logp", "old_logp", "entropy", "sum_p2", "sum_p2_logp",
+           "adv", "ratio", "clip_active", "omega_paper", "omega_code", "dh_all_logit", "dh_cov", "dh_jvp",
+           "dh_measured", "quadrant"]
+
+
+def test_validate_end_to_end(tmp_path, tiny_model_dir):
+    roll = write_rollouts(tmp_path / "r.jsonl", arithmetic_rows())
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["validate", "--model", str(tiny_model_dir), "--rollouts", str(roll), "--lr", "0.05", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    df = pd.read_parquet(out / "tokens.parquet")
+    assert set(COLUMNS) <= set(df.columns)
+    assert len(df) == sum(len(r["response"].split()) for r in arithmetic_rows())
+    summary = json.loads((out / "summary.json").read_text())
+    for name in ("omega_paper", "omega_code", "dh_all_logit", "dh_cov", "dh_jvp"):
+        s = summary["estimators"][name]
+        assert {"pcc", "srcc", "mse", "sign_agreement", "total_pred", "total_measured"} <= set(s)
+    assert summary["estimators"]["dh_jvp"]["pcc"] > 0.95
+    assert summary["retokenized"] is True and any("re-tokenised" in n for n in summary["notes"])
+    assert (out / "config.yaml").exists()
+    assert "dh_jvp" in res.output
+
+
+def _fails(tmp_path, args, needle):
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["validate", *args, "-o", str(out)])
+    assert res.exit_code != 0
+    msg = res.output.strip()
+    assert needle in msg, msg
+    assert "Traceback" not in msg
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_missing_column(tmp_path, tiny_model_dir):
+    rows = [{k: v for k, v in r.items() if k != "reward"} for r in arithmetic_rows()]
+    roll = write_rollouts(tmp_path / "r.parquet", rows)
+    _fails(tmp_path, ["--model", str(tiny_model_dir), "--rollouts", str(roll)], "missing column(s): reward")
+
+
+def test_empty_response(tmp_path, tiny_model_dir):
+    rows = arithmetic_rows()
+    rows[2]["response"] = ""
+    roll = write_rollouts(tmp_path / "r.jsonl", rows)
+    _fails(tmp_path, ["--model", str(tiny_model_dir), "--rollouts", str(roll)], "row 2: empty response")
+
+
+def test_malformed_jsonl_line_and_invalid_utf8(tmp_path, tiny_model_dir):
+    roll = write_rollouts(tmp_path / "r.jsonl", arithmetic_rows())
+    lines = roll.read_text().splitlines()
+    lines[3] = '{"prompt": "x", '
+    roll.write_text("\n".join(lines) + "\n")
+    _fails(tmp_path, ["--model", str(tiny_model_dir), "--rollouts", str(roll)], "line 4: malformed JSON")
+    roll.write_bytes(b'{"prompt": "a", "response": "\xff\xfe", "reward": 1}\n')
+    _fails(tmp_path, ["--model", str(tiny_model_dir), "--rollouts", str(roll)], "line 1: invalid UTF-8")
+
+
+def test_missing_model_folder_and_unreadable_file(tmp_path, tiny_model_dir):
+    roll = write_rollouts(tmp_path / "r.jsonl", arithmetic_rows())
+    _fails(tmp_path, ["--model", str(tmp_path / "nope"), "--rollouts", str(roll)], "no such model folder")
+    _fails(tmp_path, ["--model", str(tiny_model_dir), "--rollouts", str(tmp_path / "missing.jsonl")], "no such file")
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"not parquet at all")
+    _fails(tmp_path, ["--model", str(tiny_model_dir), "--rollouts", str(bad)], "cannot read parquet")
+
+
+def test_folder_without_weights_and_pickle_opt_in(tmp_path, tiny_model_dir):
+    import shutil
+
+    roll = write_rollouts(tmp_path / "r.jsonl", arithmetic_rows())
+    empty = tmp_path / "noweights"
+    shutil.copytree(tiny_model_dir, empty)
+    for f in empty.glob("*.safetensors"):
+        f.unlink()
+    _fails(tmp_path, ["--model", str(empty), "--rollouts", str(roll)], "no weight files")
+    (empty / "pytorch_model.bin").write_bytes(b"x")
+    _fails(tmp_path, ["--model", str(empty), "--rollouts", str(roll)], "--allow-pickle")
+
+
+def test_non_finite_logit_is_a_clear_error(tmp_path, tiny_model_dir):
+    import torch
+    from safetensors.torch import load_file, save_file
+    import shutil
+
+    broken = tmp_path / "nan_model"
+    shutil.copytree(tiny_model_dir, broken)
+    st = broken / "model.safetensors"
+    w = load_file(st)
+    key = next(k for k in w if "embed_tokens" in k)
+    w[key][7, 0] = float("nan")  # token 7 ("0"): its row feeds the logits of every state
+    save_file(w, st, metadata={"format": "pt"})
+    roll = write_rollouts(tmp_path / "r.jsonl", arithmetic_rows())
+    _fails(tmp_path, ["--model", str(broken), "--rollouts", str(roll)], "non-finite logit")
+
+
+def test_bad_options(tmp_path, tiny_model_dir):
+    roll = write_rollouts(tmp_path / "r.jsonl", arithmetic_rows())
+    _fails(tmp_path, ["--model", str(tiny_model_dir), "--rollouts", str(roll), "--lr", "0"], "--lr must be > 0")
+    _fails(tmp_path, ["--model", str(tiny_model_dir), "--rollouts", str(roll), "--optimizer", "lion"], "sgd or adamw")
