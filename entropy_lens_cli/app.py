@@ -4,68 +4,16 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+
+from entropy_lens_cli.common import (
+    console, default_rollouts, err_console, estimator_table, fail, stage_progress, user_errors, write_run,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Entropy dynamics of RL with verifiable rewards.")
-console = Console()
-err_console = Console(stderr=True)
-
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError)
-
-
-def fail(message: str, code: int = 2) -> None:
-    """Print one line on stderr and exit with ``code``."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn the library's user-input errors into a one-line message and exit code 2."""
-    try:
-        yield
-    except typer.Exit:
-        raise
-    except USER_ERRORS as exc:
-        fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-
-
-@contextmanager
-def stage_progress(stages: dict[str, int]) -> Iterator:
-    """Rich progress bars, one per stage; yields ``advance(stage, n)``."""
-    with Progress(
-        TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err_console, transient=False,
-    ) as prog:
-        tasks = {name: prog.add_task(name, total=total) for name, total in stages.items()}
-
-        def advance(stage: str, n: int) -> None:
-            if stage in tasks:
-                prog.advance(tasks[stage], n)
-
-        yield advance
-
-
-def estimator_table(scores: dict, title: str) -> Table:
-    """Rich table of estimator scores from summary.json."""
-    t = Table(title=title)
-    for col in ("estimator", "PCC", "SRCC", "MSE", "sign agr.", "Σ predicted", "Σ measured"):
-        t.add_column(col, justify="right" if col != "estimator" else "left", no_wrap=True)
-
-    def f(x, fmt):
-        return "nan" if x is None or x != x else format(x, fmt)
-
-    for name, s in scores.items():
-        t.add_row(name, f(s["pcc"], ".3f"), f(s["srcc"], ".3f"), f(s["mse"], ".2e"), f(s["sign_agreement"], ".3f"),
-                  f(s["total_pred"], ".3e"), f(s["total_measured"], ".3e"))
-    return t
 
 
 @app.command()
@@ -124,32 +72,24 @@ def validate(
     console.print(f"wrote {out}/tokens.parquet, {out}/summary.json")
 
 
-def default_rollouts() -> Path:
-    """The rollout file shipped with the package."""
-    from entropy_lens.data import DEMO_ROLLOUTS
-
-    return DEMO_ROLLOUTS
+#: Modules of entropy_lens_cli that add their commands with ``register(app)``.
+COMMAND_MODULES = ("compare_cmd", "sample_cmd", "analyze_cmd", "demo_cmd", "train_cmd", "plot_cmd", "report_cmd")
 
 
-def write_run(out: Path, tokens, summary: dict, config: dict) -> None:
-    """Write tokens.parquet, summary.json and config.yaml (each atomically)."""
-    from entropy_lens.io.writers import atomic_write_json, atomic_write_parquet, atomic_write_yaml, versions
+def _register_commands() -> None:
+    import importlib
 
-    atomic_write_parquet(out / "tokens.parquet", tokens)
-    atomic_write_yaml(out / "config.yaml", {"config": config, "versions": versions()})
-    atomic_write_json(out / "summary.json", summary)
-
-
-def _register_optional() -> None:
-    """Commands that live in their own modules."""
-    try:
-        from entropy_lens_cli import compare_cmd
-    except ImportError:
-        return
-    compare_cmd.register(app)
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(f"entropy_lens_cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"entropy_lens_cli.{name}":
+                continue  # command module not part of this install
+            raise
+        mod.register(app)
 
 
-_register_optional()
+_register_commands()
 
 
 def main() -> None:

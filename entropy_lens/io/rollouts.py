@@ -109,8 +109,17 @@ def validate_rollouts(df: pd.DataFrame, path: str | Path) -> pd.DataFrame:
 
 
 def load_rollouts(path: str | Path) -> pd.DataFrame:
-    """Read and validate a rollout file (see module docstring)."""
-    return validate_rollouts(read_table(path), path)
+    """Read and validate rollouts: our format (see module docstring), a verl rollout dump file
+    (``{step}.jsonl`` with input/output/gts/score), or a verl ``rollout_data_dir`` folder (last step)."""
+    from .datasets import from_verl_dump, is_verl_dump, read_verl_dump_dir
+
+    p = Path(path)
+    if p.is_dir():
+        return validate_rollouts(read_verl_dump_dir(p), p)
+    df = read_table(p)
+    if is_verl_dump(df):
+        df = from_verl_dump(df, p)
+    return validate_rollouts(df, p)
 
 
 @dataclass
@@ -138,9 +147,12 @@ def tokenize_rollouts(df: pd.DataFrame, tokenizer, path: str | Path = "<rollouts
                 raise RolloutError(f"{path}: row {row}: token id outside the tokenizer's vocabulary of {vocab}")
         return Tokenized(p_ids, r_ids, retokenized=False, notes=notes)
     p_ids = []
-    for prompt in df["prompt"].tolist():
+    templated = df["prompt_is_templated"].tolist() if "prompt_is_templated" in df.columns else [False] * len(df)
+    for prompt, is_templated in zip(df["prompt"].tolist(), templated):
         msgs = _as_messages(prompt) or [{"role": "user", "content": str(prompt)}]
-        if getattr(tokenizer, "chat_template", None):
+        if is_templated:  # e.g. verl dumps: the text already went through the chat template
+            ids = tokenizer(str(prompt), add_special_tokens=False)["input_ids"]
+        elif getattr(tokenizer, "chat_template", None):
             enc = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
             ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
         else:

@@ -1,0 +1,226 @@
+"""Instrument a checkpoint on recorded rollouts: per-token statistics, estimators, quadrants.
+
+Work is split into shards of sequences; each shard's raw statistics are written to
+``shard_dir/shard_XXXXX.parquet`` (atomically) and skipped on a rerun, so an interrupted run
+resumes where it stopped. Advantages and the closed-form estimators need batch-wide quantities
+(group statistics, covariance means), so they are computed once over all shards at the end.
+With a second checkpoint (``next_model``), ``dh_measured`` = H_next − H at every token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import estimators as est
+from .advantages import compute_advantages
+from .forward import pack, response_stats
+from .io.rollouts import RolloutError, Tokenized, old_logp_grid, tokenize_rollouts
+from .io.writers import atomic_write_json, atomic_write_parquet
+from .tokens import TokenBatch
+from .validate import closed_form_columns, score_estimator
+
+Progress = Callable[[str, int], None]
+
+
+@dataclass(frozen=True)
+class AnalyzeSettings:
+    """``lr``: η used to scale the closed-form predictions (nats per step); others as in validate."""
+
+    lr: float = 1e-6
+    temperature: float = 1.0
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: float | None = 3.0
+    advantage: str = "grpo"
+    micro_batch: int = 4
+    shard_size: int = 64
+
+
+def check_same_vocab(model_a, model_b, name_b: str) -> None:
+    """Raise when two checkpoints' output vocabularies differ (ΔH would compare other tokens)."""
+    va = model_a.get_output_embeddings().weight.shape[0]
+    vb = model_b.get_output_embeddings().weight.shape[0]
+    if va != vb:
+        raise RolloutError(f"{name_b}: vocabulary of {vb} tokens differs from the first model's {va}")
+
+
+def _fingerprint(rollouts: pd.DataFrame, tok: Tokenized, settings: AnalyzeSettings, models: list[str]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([settings.temperature, settings.shard_size, models]).encode())
+    for p, r in zip(tok.prompt_ids, tok.response_ids):
+        h.update(np.asarray(p, dtype=np.int64).tobytes() + b"|" + np.asarray(r, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def shard_frame(model, next_model, prompt_ids, response_ids, start: int, pad_id: int, settings: AnalyzeSettings) -> pd.DataFrame:
+    """Raw per-token statistics of one shard of sequences (global ``sample`` index from ``start``)."""
+    packed = pack(prompt_ids, response_ids, pad_id)
+    st = response_stats(model, packed, settings.temperature, micro_batch=settings.micro_batch)
+    m = packed.mask
+    b_idx, t_idx = torch.nonzero(m, as_tuple=True)
+    cols = {
+        "sample": (b_idx + start).numpy(),
+        "pos": t_idx.numpy(),
+        "token_id": packed.response_ids[m].numpy(),
+        **{k: st[k][m].double().numpy() for k in ("logp", "entropy", "sum_p2", "sum_p2_logp")},
+    }
+    if next_model is not None:
+        nxt = response_stats(next_model, packed, settings.temperature, micro_batch=settings.micro_batch)
+        cols["entropy_next"] = nxt["entropy"][m].double().numpy()
+        cols["logp_next"] = nxt["logp"][m].double().numpy()
+    return pd.DataFrame(cols)
+
+
+def run_analyze(
+    model,
+    tokenizer,
+    rollouts: pd.DataFrame,
+    settings: AnalyzeSettings,
+    shard_dir: Path,
+    next_model=None,
+    model_names: tuple[str, ...] = ("model",),
+    source: str = "<rollouts>",
+    progress: Progress | None = None,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Analyze ``rollouts`` (validated frame); returns ``(tokens frame, summary)``.
+
+    ``progress("tokens", n)`` is called with the response tokens of each finished shard.
+    """
+    tok = tokenize_rollouts(rollouts, tokenizer, source)
+    lengths = [len(r) for r in tok.response_ids]
+    old = old_logp_grid(rollouts, lengths, source)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    fp = _fingerprint(rollouts, tok, settings, list(model_names))
+    manifest = shard_dir / "manifest.json"
+    if manifest.exists():
+        prev = json.loads(manifest.read_text())
+        if prev.get("fingerprint") != fp:
+            raise RolloutError(
+                f"{shard_dir}: holds shards of a different run (other rollouts, models or settings); "
+                "use another output folder"
+            )
+    else:
+        atomic_write_json(manifest, {"fingerprint": fp, "settings": asdict(settings), "models": list(model_names)})
+    B = len(lengths)
+    parts = []
+    for k, start in enumerate(range(0, B, settings.shard_size)):
+        stop = min(start + settings.shard_size, B)
+        path = shard_dir / f"shard_{k:05d}.parquet"
+        if path.exists():
+            part = pd.read_parquet(path)
+        else:
+            part = shard_frame(model, next_model, tok.prompt_ids[start:stop], tok.response_ids[start:stop], start,
+                               tokenizer.pad_token_id, settings)
+            atomic_write_parquet(path, part)
+        parts.append(part)
+        if progress:
+            progress("tokens", int(sum(lengths[start:stop])))
+    raw = pd.concat(parts, ignore_index=True)
+    frame, batch = finish_frame(raw, rollouts, tok, old, settings, tokenizer)
+    return frame, summarize_analysis(frame, batch, settings, tok)
+
+
+def finish_frame(raw: pd.DataFrame, rollouts: pd.DataFrame, tok: Tokenized, old: torch.Tensor | None,
+                 settings: AnalyzeSettings, tokenizer) -> tuple[pd.DataFrame, TokenBatch]:
+    """Batch-wide columns over all shards: advantages, ratio, I_clip, estimators, quadrant."""
+    B = len(tok.response_ids)
+    T = max(len(r) for r in tok.response_ids)
+    s = torch.tensor(raw["sample"].to_numpy(np.int64))
+    p = torch.tensor(raw["pos"].to_numpy(np.int64))
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[s, p] = True
+
+    def grid(col: str, dtype=torch.float64) -> torch.Tensor:
+        out = torch.zeros(B, T, dtype=dtype)
+        out[s, p] = torch.tensor(raw[col].to_numpy()).to(dtype)
+        return out
+
+    reward = torch.tensor(rollouts["reward"].to_numpy(np.float64))
+    group_id = torch.tensor(rollouts["group_id"].to_numpy(np.int64))
+    lengths = mask.sum(-1)
+    seq_adv = compute_advantages(settings.advantage, reward, group_id, lengths=lengths).double()
+    logp = grid("logp")
+    batch = TokenBatch(
+        token_ids=grid("token_id", torch.long), mask=mask, logp=logp,
+        old_logp=torch.where(mask, old.double(), 0.0) if old is not None else logp.clone(),
+        entropy=grid("entropy"), sum_p2=grid("sum_p2"), sum_p2_logp=grid("sum_p2_logp"),
+        adv=torch.where(mask, seq_adv[:, None].expand(B, T), 0.0),
+        group_id=group_id, reward=reward, meta={"temperature": settings.temperature},
+    )
+    cols = closed_form_columns(batch, settings.lr, settings.eps_low, settings.eps_high, settings.dual_clip)
+    if "entropy_next" in raw.columns:
+        cols["dh_measured"] = torch.where(mask, grid("entropy_next") - batch.entropy, 0.0)
+    texts = [[tokenizer.decode([t]) for t in ids] for ids in tok.response_ids]
+    frame = batch.to_frame(extra=cols, token_text=texts)
+    frame["quadrant"] = frame["quadrant"].astype(np.int8)
+    return frame, batch
+
+
+def position_profile(frame: pd.DataFrame, bins: int = 10) -> list[dict[str, float]]:
+    """Mean entropy (nats) by relative position in the response, ``bins`` equal-width bins."""
+    length = frame.groupby("sample")["pos"].transform("max") + 1
+    rel = (frame["pos"] / length).clip(upper=1 - 1e-9)
+    b = (rel * bins).astype(int)
+    g = frame.groupby(b)["entropy"].agg(["mean", "count"])
+    return [{"bin": int(i), "from": i / bins, "to": (i + 1) / bins, "mean_entropy": float(r["mean"]), "n": int(r["count"])}
+            for i, r in g.iterrows()]
+
+
+def quadrant_table(frame: pd.DataFrame, columns: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """Per quadrant: token share and the sum of each ΔH column (contribution to the batch ΔH)."""
+    out = {}
+    for q in (0, 1, 2, 3, 4):
+        sel = frame["quadrant"] == q
+        row = {"token_share": float(sel.mean()), "n": int(sel.sum())}
+        for c in columns:
+            if c in frame.columns:
+                row[c] = float(frame.loc[sel, c].sum())
+        out["A=0" if q == 0 else f"Q{q}"] = row
+    return out
+
+
+def summarize_analysis(frame: pd.DataFrame, batch: TokenBatch, settings: AnalyzeSettings, tok: Tokenized) -> dict[str, Any]:
+    """summary.json of ``analyze``."""
+    L = batch.n_tokens
+    top = frame.reindex(frame["omega_paper"].abs().sort_values(ascending=False).index).head(20)
+    summary: dict[str, Any] = {
+        "n_sequences": int(batch.mask.shape[0]),
+        "n_tokens": L,
+        "n_groups": int(batch.group_id.unique().numel()),
+        "settings": asdict(settings),
+        "mean_entropy": float(frame["entropy"].mean()),
+        "mean_reward": float(batch.reward.mean()),
+        "quadrants": quadrant_table(frame, ("omega_paper", "dh_all_logit", "dh_cov", "dh_measured")),
+        "entropy_by_position": position_profile(frame),
+        "top_tokens_by_abs_omega": [
+            {k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()}
+            for r in top[["sample", "pos", "token", "logp", "entropy", "adv", "omega_paper", "quadrant"]].to_dict("records")
+        ],
+        "retokenized": tok.retokenized,
+        "notes": list(tok.notes),
+    }
+    seq_adv = batch.adv.abs().amax(-1)
+    groups = batch.group_id.unique()
+    zero = int(sum(1 for g in groups if bool((seq_adv[batch.group_id == g] == 0).all())))
+    if zero:
+        summary["notes"].append(f"{zero} of {len(groups)} groups have equal rewards: advantage 0, no update from them")
+    if "dh_measured" in frame.columns:
+        meas = frame["dh_measured"].to_numpy()
+        summary["estimators"] = {
+            name: score_estimator(
+                est.scaled_prediction(name, torch.tensor(frame[name].to_numpy()), settings.lr, L).numpy(), meas)
+            for name in ("omega_paper", "omega_code", "dh_all_logit", "dh_cov")
+        }
+        summary["notes"].append(
+            "dh_measured is the change between two checkpoints; closed-form predictions are scaled by --lr "
+            "(compare correlations, and totals only if --lr matches the real update)"
+        )
+    return summary

@@ -1,0 +1,98 @@
+"""`entropy-lens analyze`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from entropy_lens_cli.common import console, default_rollouts, stage_progress, user_errors, write_run
+
+
+def analyze(
+    rollouts: Optional[Path] = typer.Option(None, "--rollouts", "-r", help="Rollouts: parquet/JSONL, a verl dump file or rollout_data_dir. Default: shipped rollouts."),
+    model: Optional[str] = typer.Option(None, "--model", help="HF folder or verl checkpoint (default: bundled model)."),
+    next_model: Optional[str] = typer.Option(None, "--next-model", help="A later checkpoint: dh_measured = its entropy minus the first's."),
+    reward: Optional[str] = typer.Option(None, "--reward", help="Score ground_truth with math or dapo instead of the reward column."),
+    lr: float = typer.Option(1e-6, "--lr", help="η that scales the closed-form predictions."),
+    temperature: float = typer.Option(1.0, "--temperature"),
+    eps_low: float = typer.Option(0.2, "--eps-low"),
+    eps_high: float = typer.Option(0.2, "--eps-high"),
+    advantage: str = typer.Option("grpo", "--advantage", help="grpo, dr_grpo, rloo or opo."),
+    shard_size: int = typer.Option(64, "--shard-size", help="Sequences per resumable shard."),
+    micro_batch: int = typer.Option(4, "--micro-batch"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+    out: Path = typer.Option(..., "--out", "-o"),
+) -> None:
+    """Per-token statistics, estimators and quadrants of a checkpoint on rollouts (resumable)."""
+    from entropy_lens.analyze import AnalyzeSettings, check_same_vocab, run_analyze
+    from entropy_lens.io import rollouts as ro
+    from entropy_lens.io.models import load_model
+
+    with user_errors():
+        if not lr > 0:
+            raise ValueError(f"--lr must be > 0, got {lr}")
+        src = rollouts if rollouts is not None else default_rollouts()
+        frame = ro.load_rollouts(src)
+        if reward is not None:
+            from entropy_lens.rewards import score_batch
+
+            if "ground_truth" not in frame.columns:
+                raise ValueError(f"{src}: --reward {reward} needs a ground_truth column")
+            frame["reward"] = score_batch(frame["response"].tolist(), frame["ground_truth"].astype(str).tolist(), reward)
+        elif "reward" not in frame.columns:
+            from entropy_lens.rewards import score_batch
+
+            frame["reward"] = score_batch(frame["response"].tolist(), frame["ground_truth"].astype(str).tolist(), "math")
+        t0 = time.time()
+        with console.status("loading model"):
+            mdl, tok = load_model(model, allow_pickle=allow_pickle)
+            nxt = None
+            if next_model is not None:
+                nxt, tok2 = load_model(next_model, allow_pickle=allow_pickle)
+                check_same_vocab(mdl, nxt, str(next_model))
+        settings = AnalyzeSettings(lr=lr, temperature=temperature, eps_low=eps_low, eps_high=eps_high,
+                                   advantage=advantage, micro_batch=micro_batch, shard_size=shard_size)
+        n_tok = estimate_tokens(frame, tok)
+        with stage_progress({"tokens": n_tok}) as advance:
+            tokens, summary = run_analyze(mdl, tok, frame, settings, out / "shards", next_model=nxt,
+                                          model_names=(str(model or "bundled"), str(next_model or "")),
+                                          source=str(src), progress=advance)
+        summary.update(model=str(model or "bundled:smollm2-135m-instruct"), next_model=next_model, rollouts=str(src),
+                       wall_seconds=round(time.time() - t0, 1))
+        write_run(out, tokens, summary, {"command": "analyze", "model": summary["model"], "next_model": next_model,
+                                         "rollouts": str(src), **summary["settings"]})
+    print_analysis(summary)
+    console.print(f"wrote {out}/tokens.parquet, {out}/summary.json")
+
+
+def estimate_tokens(frame, tokenizer) -> int:
+    """Response tokens to process (exact when ids are given)."""
+    if "response_ids" in frame.columns:
+        return int(sum(len(r) for r in frame["response_ids"]))
+    return int(sum(len(tokenizer(str(r), add_special_tokens=False)["input_ids"]) for r in frame["response"]))
+
+
+def print_analysis(summary: dict) -> None:
+    from rich.table import Table
+
+    from entropy_lens_cli.common import estimator_table
+
+    t = Table(title=f"Quadrants ({summary['n_tokens']} tokens, mean H {summary['mean_entropy']:.3f} nats)")
+    for c in ("quadrant", "token share", "Σ omega_paper", "Σ dh_all_logit", "Σ dh_measured"):
+        t.add_column(c, justify="right")
+    for q, row in summary["quadrants"].items():
+        meas = row.get("dh_measured")
+        t.add_row(q, f"{row['token_share']:.3f}", f"{row['omega_paper']:.3e}", f"{row['dh_all_logit']:.3e}",
+                  "-" if meas is None else f"{meas:.3e}")
+    console.print(t)
+    if "estimators" in summary:
+        console.print(estimator_table(summary["estimators"], "Estimators vs the change between checkpoints"))
+    for note in summary["notes"]:
+        console.print(f"note: {note}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("analyze")(analyze)

@@ -1,0 +1,94 @@
+"""Helpers shared by the CLI commands: console, one-line errors, progress bars, run writers."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class RateColumn(ProgressColumn):
+    """Items per second of a task (e.g. tokens/s)."""
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{speed:,.0f}/s", style="cyan")
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one line on stderr and exit with ``code``."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the library's user-input errors into a one-line message and exit code 2."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except USER_ERRORS as exc:
+        fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
+@contextmanager
+def stage_progress(stages: dict[str, int]) -> Iterator:
+    """Rich progress bars, one per stage; yields ``advance(stage, n)``."""
+    with Progress(
+        TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeElapsedColumn(),
+        console=err_console, transient=False,
+    ) as prog:
+        tasks = {name: prog.add_task(name, total=total) for name, total in stages.items()}
+
+        def advance(stage: str, n: int) -> None:
+            if stage in tasks:
+                prog.advance(tasks[stage], n)
+
+        yield advance
+
+
+def estimator_table(scores: dict, title: str) -> Table:
+    """Rich table of estimator scores from summary.json."""
+    t = Table(title=title)
+    for col in ("estimator", "PCC", "SRCC", "MSE", "sign agr.", "Σ predicted", "Σ measured"):
+        t.add_column(col, justify="right" if col != "estimator" else "left", no_wrap=True)
+
+    def f(x, fmt):
+        return "nan" if x is None or x != x else format(x, fmt)
+
+    for name, s in scores.items():
+        t.add_row(name, f(s["pcc"], ".3f"), f(s["srcc"], ".3f"), f(s["mse"], ".2e"), f(s["sign_agreement"], ".3f"),
+                  f(s["total_pred"], ".3e"), f(s["total_measured"], ".3e"))
+    return t
+
+
+def default_rollouts() -> Path:
+    """The rollout file shipped with the package."""
+    from entropy_lens.data import DEMO_ROLLOUTS
+
+    return DEMO_ROLLOUTS
+
+
+def write_run(out: Path, tokens, summary: dict, config: dict) -> None:
+    """Write tokens.parquet, summary.json and config.yaml (each atomically)."""
+    from entropy_lens.io.writers import atomic_write_json, atomic_write_parquet, atomic_write_yaml, versions
+
+    atomic_write_parquet(out / "tokens.parquet", tokens)
+    atomic_write_yaml(out / "config.yaml", {"config": config, "versions": versions()})
+    atomic_write_json(out / "summary.json", summary)
+
+

@@ -1,0 +1,59 @@
+"""`entropy-lens sample`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from entropy_lens_cli.common import console, stage_progress, user_errors
+
+
+def sample(
+    dataset: str = typer.Option("gsm8k-demo", "--dataset", "-d", help="Shipped name (gsm8k-demo), verl-schema parquet, or problem/answer table."),
+    model: Optional[str] = typer.Option(None, "--model", help="HF folder or verl checkpoint (default: bundled SmolLM2-135M-Instruct)."),
+    n: int = typer.Option(8, "-n", help="Responses per prompt."),
+    prompts: Optional[int] = typer.Option(None, "--prompts", help="Use the first K prompts."),
+    temperature: float = typer.Option(1.0, "--temperature"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+    reward: str = typer.Option("math", "--reward", help="Verifier: math (math-verify) or dapo."),
+    convention: str = typer.Option("pm1", "--convention", help="pm1 (±1) or 01."),
+    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(16, "--batch-size", help="Responses generated together."),
+    out: Path = typer.Option(..., "--out", "-o", help="Rollouts file to write (.parquet or .jsonl)."),
+) -> None:
+    """Sample real rollouts with exact token ids and behaviour log-probs, scored by a verifier."""
+    from entropy_lens.io.datasets import load_prompts
+    from entropy_lens.io.models import load_model
+    from entropy_lens.rewards import get_reward_fn
+    from entropy_lens.sample import sample_rollouts
+
+    with user_errors():
+        if out.suffix not in (".parquet", ".jsonl"):
+            raise ValueError(f"{out}: output must end in .parquet or .jsonl")
+        get_reward_fn(reward)
+        table = load_prompts(dataset, prompts)
+        with console.status("loading model"):
+            mdl, tok = load_model(model)
+        with stage_progress({"responses": len(table) * n}) as advance:
+            frame = sample_rollouts(mdl, tok, table, n=n, temperature=temperature, max_new_tokens=max_new_tokens,
+                                    seed=seed, reward=reward, convention=convention, batch_size=batch_size,
+                                    progress=lambda k: advance("responses", k))
+        write_rollout_file(out, frame)
+    acc = float((frame["reward"] > 0).mean())
+    console.print(f"wrote {len(frame)} rollouts ({len(table)} prompts × {n}) to {out}; accuracy {acc:.3f}")
+
+
+def write_rollout_file(out: Path, frame) -> None:
+    """Atomic parquet or JSONL."""
+    from entropy_lens.io.writers import atomic_write_bytes, atomic_write_parquet
+
+    if out.suffix == ".jsonl":
+        atomic_write_bytes(out, frame.to_json(orient="records", lines=True).encode())
+    else:
+        atomic_write_parquet(out, frame)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sample")(sample)
