@@ -64,7 +64,7 @@ def stage_progress(stages: dict[str, int]) -> Iterator:
 def estimator_table(scores: dict, title: str) -> Table:
     """Rich table of estimator scores from summary.json."""
     t = Table(title=title)
-    for col in ("estimator", "PCC", "SRCC", "MSE", "sign agr.", "Σ predicted", "Σ measured"):
+    for col in ("estimator", "PCC", "SRCC", "MSE", "sign", "Σ pred", "Σ meas"):
         t.add_column(col, justify="right" if col != "estimator" else "left", no_wrap=True)
 
     def f(x, fmt):
@@ -72,7 +72,7 @@ def estimator_table(scores: dict, title: str) -> Table:
 
     for name, s in scores.items():
         t.add_row(name, f(s["pcc"], ".3f"), f(s["srcc"], ".3f"), f(s["mse"], ".2e"), f(s["sign_agreement"], ".3f"),
-                  f(s["total_pred"], ".3e"), f(s["total_measured"], ".3e"))
+                  f(s["total_pred"], ".2e"), f(s["total_measured"], ".2e"))
     return t
 
 

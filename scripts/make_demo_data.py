@@ -7,7 +7,8 @@
 3. Write the screening samples of the kept problems as a rollout file with exact token ids and
    behaviour log-probs: smollm2_gsm8k_rollouts.parquet (what `validate` runs on by default).
 
-Usage: python scripts/make_demo_data.py --datasets ../shared/datasets --screen 120 --n 4 --out entropy_lens/data
+Usage: python scripts/make_demo_data.py --datasets ../shared/datasets --shortest --screen 64 --n 4 --out entropy_lens/data
+("index" in gsm8k_demo.parquet is the row of the GSM8K test split.)
 """
 
 from __future__ import annotations
@@ -33,9 +34,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--log", type=Path, default=Path("/tmp/screen.jsonl"))
+    ap.add_argument("--shortest", action="store_true", help="screen the --screen shortest problems instead of the first")
     args = ap.parse_args()
     model, tok = load_model(None)
-    df = pd.read_parquet(args.datasets / "gsm8k_test.parquet").head(args.screen)
+    df = pd.read_parquet(args.datasets / "gsm8k_test.parquet")
+    df["test_index"] = range(len(df))
+    if args.shortest:
+        df = df.iloc[df["extra_info"].map(lambda e: len(e["raw_problem"])).argsort(kind="stable")]
+    df = df.head(args.screen).reset_index(drop=True)
     problems = [e["raw_problem"] for e in df["extra_info"]]
     answers = [r["ground_truth"] for r in df["reward_model"]]
     rows = []
@@ -68,7 +74,7 @@ def main() -> None:
     mixed = rate[(rate > 0) & (rate < 1)].index
     probs = frame.drop_duplicates("problem_index").set_index("problem_index").loc[mixed]
     args.out.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"index": mixed, "problem": probs["problem"].values, "answer": probs["answer"].values,
+    pd.DataFrame({"index": df["test_index"].to_numpy()[mixed], "problem": probs["problem"].values, "answer": probs["answer"].values,
                   "screen_pass_rate": rate.loc[mixed].values}).to_parquet(args.out / "gsm8k_demo.parquet", index=False)
     roll = frame[frame["problem_index"].isin(mixed)].copy()
     roll["group"] = roll["problem_index"].astype(str)
