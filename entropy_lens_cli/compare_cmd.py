@@ -119,8 +119,10 @@ def compare(
     ] = None,
     lr: Annotated[float, typer.Option("--lr", help="learning rate η of the first-order predictions")] = 1e-6,
     seed: Annotated[int, typer.Option("--seed", help="seed of every random choice (Clip-Cov)")] = 0,
-    # --measure MODEL: reserved. A later option will take one optimizer step per method through
-    # entropy_lens.methods.method_loss on a real model and add measured ΔH (see the marked place below).
+    measure: Annotated[bool, typer.Option("--measure", help="also take one real optimizer step per method from --model on --rollouts and measure ΔH")] = False,
+    model: Annotated[Optional[str], typer.Option("--model", help="with --measure: HF folder or verl checkpoint (default: bundled model)")] = None,
+    rollouts: Annotated[Optional[Path], typer.Option("--rollouts", "-r", help="with --measure: the rollouts TOKENS was computed from")] = None,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="with --measure: sgd or adamw")] = "sgd",
 ) -> None:
     """Predict each method's entropy change on one recorded batch (closed-form estimators)."""
     methods = list(method) if method else list_methods()
@@ -147,7 +149,8 @@ def compare(
     except ValueError as e:
         _fail(f"{tokens}: {e}", EXIT_INPUT)
 
-    # --- place for --measure (later): measured ΔH per method merged into long_df / summary here ---
+    if measure:
+        long_df, summary = _measure(long_df, summary, df, methods, overrides, lr, seed, model, rollouts, optimizer)
 
     summary = {
         "command": "compare",
@@ -172,8 +175,15 @@ def compare(
     for e in COMPARE_ESTIMATORS:
         table.add_column(e, justify="right")
     table.add_column("penalty")
+    if measure:
+        table.add_column("measured", justify="right")
+        table.add_column("sign ok", justify="right")
     for name, res in summary["methods"].items():
         pen = res["penalty_dh"]
+        extra = []
+        if measure:
+            meas = res["measured_dh"]
+            extra = [_fmt(meas), " ".join(e[:6] if ok else "-" for e, ok in res["sign_matches"].items())]
         note = "" if pen is None else ("folded in" if pen["folded_into"] else "not included (see summary)")
         table.add_row(
             name,
@@ -181,10 +191,49 @@ def compare(
             f"{res['weight_mean']:.3f}",
             *[_fmt(res["predicted_dh"][e]) for e in COMPARE_ESTIMATORS],
             note,
+            *extra,
         )
     console = Console()
     console.print(table)
     console.print(f"wrote {out / 'compare.parquet'} and {out / 'summary.json'}")
+
+
+def _measure(long_df, summary, tokens_df, methods, overrides, lr, seed, model, rollouts, optimizer):
+    """Measured ΔH of one real step per method, merged into ``long_df`` and ``summary``."""
+    import numpy as np
+
+    from entropy_lens.compare_measure import measure_methods
+    from entropy_lens.io.models import load_model
+    from entropy_lens.io.rollouts import load_rollouts
+    from entropy_lens.validate import ValidateSettings
+    from entropy_lens_cli.common import default_rollouts, stage_progress, user_errors
+
+    with user_errors():
+        if optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"--optimizer must be sgd or adamw, got {optimizer!r}")
+        if not lr > 0:
+            raise ValueError("--measure needs --lr > 0")
+        src = rollouts if rollouts is not None else default_rollouts()
+        frame = load_rollouts(src)
+        mdl, tok = load_model(model)
+        with stage_progress({"methods": len(methods)}) as advance:
+            meas_df, totals = measure_methods(mdl, tok, frame, methods, overrides,
+                                              ValidateSettings(lr=lr, optimizer=optimizer), seed, str(src), advance)
+        n_rows = int(meas_df["method"].eq(methods[0]).sum())
+        if n_rows != len(tokens_df):
+            raise ValueError(f"{src}: gives {n_rows} response tokens but the tokens file has {len(tokens_df)}; "
+                             "pass the rollouts the tokens file was computed from")
+    long_df = long_df.merge(meas_df, on=["method", "sample", "pos"], how="left")
+    for name, res in summary["methods"].items():
+        t = totals[name]
+        res["measured_dh"] = t["dh_measured"]
+        res["measured_quadrants"] = {k: t[k] for k in ("Q1", "Q2", "Q3", "Q4")}
+        res["sign_matches"] = {e: bool(np.sign(v) == np.sign(t["dh_measured"])) if v is not None else False
+                               for e, v in res["predicted_dh"].items()}
+    summary["measure"] = {"model": model or "bundled:smollm2-135m-instruct", "rollouts": str(src),
+                          "optimizer": optimizer, "lr": lr,
+                          "note": "counterfactual: one step per method from the same parameters on the same batch"}
+    return long_df, summary
 
 
 def methods() -> None:
