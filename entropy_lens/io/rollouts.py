@@ -175,7 +175,7 @@ def old_logp_grid(df: pd.DataFrame, lengths: list[int], path: str | Path = "<rol
     T = max(lengths)
     out = torch.zeros(len(lengths), T, dtype=torch.float32)
     for i, (vals, n) in enumerate(zip(df["old_logp"].tolist(), lengths)):
-        vals = np.asarray(vals, dtype=np.float64)
+        vals = np.array(vals, dtype=np.float64)
         if len(vals) != n:
             raise RolloutError(f"{path}: row {i}: old_logp has {len(vals)} values for {n} response tokens")
         if not np.isfinite(vals).all():
