@@ -78,13 +78,16 @@ def demo(
 
 
 def render_outputs(out: Path) -> list[str]:
-    """Figures and the HTML report, when those modules are installed."""
-    lines = []
-    try:
-        from entropy_lens_cli.plot_cmd import plot as _plot  # noqa: F401
-    except ModuleNotFoundError:
-        return lines
-    return lines
+    """Figures (PNG + CSV) and the HTML report of the validate run."""
+    from entropy_lens_cli.plot_cmd import plot
+    from entropy_lens_cli.report_cmd import report
+
+    plot(runs=[out / "validate"], out=out / "figures", figure=None, dpi=130)
+    report(run=out / "validate", out=out / "report.html", max_responses=12, max_tokens=400, seed=0, figures=True, dpi=100)
+    return [
+        "figures/                    paper-style figures (PNG) and the numbers behind each (CSV)",
+        "report.html                 one self-contained page: tables, figures, tokens coloured by ΔH",
+    ]
 
 
 def register(app: typer.Typer) -> None:
