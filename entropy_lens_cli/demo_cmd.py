@@ -13,7 +13,7 @@ from entropy_lens_cli.common import console, estimator_table, stage_progress, us
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run directory."),
     prompts: int = typer.Option(6, "--prompts", help="Shipped GSM8K problems to sample."),
-    n: int = typer.Option(4, "-n", help="Responses per problem."),
+    n: int = typer.Option(6, "-n", help="Responses per problem."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
     lr: float = typer.Option(1e-4, "--lr", help="SGD learning rate of the validation step."),
     seed: int = typer.Option(0, "--seed"),
