@@ -94,6 +94,9 @@ _register_commands()
 
 def main() -> None:
     """Console-script entry point."""
+    from entropy_lens_cli.common import quiet_libraries
+
+    quiet_libraries()
     try:
         app()
     except KeyboardInterrupt:

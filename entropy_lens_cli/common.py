@@ -17,6 +17,16 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def quiet_libraries() -> None:
+    """Silence transformers' own progress bars and info logs (the CLI shows its own progress)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 class RateColumn(ProgressColumn):
     """Items per second of a task (e.g. tokens/s)."""
 
