@@ -7,18 +7,22 @@ from pathlib import Path
 
 import typer
 
-from entropy_lens_cli.common import console, estimator_table, stage_progress, user_errors, write_run
+from entropy_lens_cli.common import console, default_rollouts, estimator_table, stage_progress, user_errors, write_run
 
 
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run directory."),
     prompts: int = typer.Option(6, "--prompts", help="Shipped GSM8K problems to sample."),
-    n: int = typer.Option(6, "-n", help="Responses per problem."),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    n: int = typer.Option(4, "-n", help="Responses per problem."),
+    max_new_tokens: int = typer.Option(96, "--max-new-tokens"),
     lr: float = typer.Option(1e-4, "--lr", help="SGD learning rate of the validation step."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Sample → analyze → validate (one real SGD step) → compare methods → figures and report, in runs/demo."""
+    """Sample → analyze → validate (one real SGD step) → compare methods → figures and report, in runs/demo.
+
+    The analyzed batch is the fresh samples plus the shipped rollouts of the same model on the same
+    problems, so that it holds groups with mixed rewards (non-zero advantages) even when every
+    fresh sample is wrong."""
     from entropy_lens.analyze import AnalyzeSettings, run_analyze
     from entropy_lens.compare import compare_methods
     from entropy_lens.io import rollouts as ro
@@ -39,11 +43,15 @@ def demo(
             console.print(f"reusing {rollouts_path}")
         else:
             with stage_progress({"sample": len(table) * n}) as advance:
-                frame = sample_rollouts(model, tok, table, n=n, max_new_tokens=max_new_tokens, seed=seed,
+                fresh = sample_rollouts(model, tok, table, n=n, max_new_tokens=max_new_tokens, seed=seed,
                                         batch_size=len(table) * n, progress=lambda k: advance("sample", k))
-            atomic_write_parquet(rollouts_path, frame)
+            acc = float((fresh["reward"] > 0).mean())
+            console.print(f"[bold]1. sampled[/] {len(fresh)} responses to {len(table)} shipped GSM8K problems, "
+                          f"accuracy {acc:.3f}")
+            atomic_write_parquet(rollouts_path, demo_batch(fresh, ro.read_table(default_rollouts())))
         rollouts = ro.load_rollouts(rollouts_path)
-        console.print(f"[bold]1. sampled[/] {len(rollouts)} responses, accuracy {float((rollouts['reward'] > 0).mean()):.3f}")
+        console.print(f"   batch: {len(rollouts)} responses = the fresh samples + the {int(rollouts['source'].eq('shipped').sum())} "
+                      "shipped rollouts of the same model (so that some groups have mixed rewards)")
 
         a_set = AnalyzeSettings(lr=lr)
         n_tok = int(sum(len(r) for r in rollouts["response_ids"]))
@@ -68,13 +76,24 @@ def demo(
         made = render_outputs(out)
     console.print(f"\n[bold]done in {time.time() - t0:.0f} s.[/] {out}/ holds:")
     for line in [
-        "rollouts.parquet            sampled responses (exact ids, behaviour log-probs, rewards)",
+        "rollouts.parquet            fresh samples + shipped rollouts (exact ids, behaviour log-probs, rewards)",
         "analyze/tokens.parquet      per-token p, H, Σp², estimators, quadrants; analyze/summary.json",
         "validate/tokens.parquet     + dh_jvp and dh_measured of one real SGD step; validate/summary.json",
         "validate/compare/           per-method weights and predicted ΔH (compare.parquet, summary.json)",
         *made,
     ]:
         console.print(f"  {line}")
+
+
+def demo_batch(fresh, shipped):
+    """Fresh samples and the shipped rollouts in one rollout frame (groups kept apart, ``source``
+    column says which is which)."""
+    import pandas as pd
+
+    cols = ["prompt", "response", "reward", "ground_truth", "group", "prompt_ids", "response_ids", "old_logp"]
+    a = fresh[cols].assign(group="sampled-" + fresh["group"].astype(str), source="sampled")
+    b = shipped[cols].assign(group="shipped-" + shipped["group"].astype(str), source="shipped")
+    return pd.concat([a, b], ignore_index=True)
 
 
 def render_outputs(out: Path) -> list[str]:
