@@ -1,0 +1,737 @@
+"""Speed, memory and accuracy of the per-token logit statistics, against baselines run in the same process.
+
+    python -m benchmarks.logits_bench [--device cuda|cpu] [--quick] [--json OUT.json] [--markdown OUT.md]
+
+Sections (each prints one markdown table; ratios are against rows measured in the same run):
+
+1. ``copy``: device copy bandwidth, ``dst.copy_(src)``, counted as bytes read + bytes written.
+2. ``logits``: one logits tensor [N, V] (GPU: 8192 × 151,936 bf16; CPU: 4096 × 49,152 fp32), every
+   method: naive fp32 PyTorch (log_softmax + entropy), the same in 128-row chunks (TRL-style), a
+   verl-style formula (logsumexp − Σ softmax·z), torch.compile of it, the chunked path
+   ``entropy_lens.logits.logit_stats``, a candidate faster CPU chunk loop (``proposed_*``), and on
+   CUDA the Triton kernel. Columns: ms (median), effective GB/s of logits read (N·V·itemsize / time),
+   fraction of the copy bandwidth, peak extra memory, max relative error against float64.
+3. ``kernel-tune`` (CUDA): the Triton kernel over block sizes / warps on the headline case.
+4. ``sweep`` (CUDA): N and V sweeps for the naive, compiled, chunked and kernel paths.
+5. ``fused``: hidden [N, D] × LM head [V, D] → statistics: GEMM alone, GEMM + naive, GEMM + chunked /
+   kernel, and the fused no-logits variant (Triton on CUDA, chunked torch on the CPU).
+6. ``model`` (CUDA): instrumentation overhead against a bare forward of a Qwen2-shaped 1.5B model
+   built from a config with random weights (8 × 1024 tokens).
+
+Peak memory: CUDA ``max_memory_allocated`` above the allocation before the call; CPU both the peak
+of live tensor bytes created by ATen ops during the call (deterministic, :class:`LiveTensorBytes`;
+"n/a" for compiled code, whose buffers bypass the dispatcher) and the peak RSS increase of one call
+in a fresh subprocess. Relative error of an output q: max|q − q₆₄| / max|q₆₄| (float64 reference),
+worst over the outputs the method returns.
+
+No timing is asserted anywhere; ``tests/test_kernels.py`` runs the harness functions at tiny sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import weakref
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from entropy_lens.logits import logit_stats
+
+OUTPUTS = ("logp", "entropy", "sum_p2", "sum_p2_logp")
+
+
+# --------------------------------------------------------------------------------------------
+# methods: each maps (logits [N, V], ids [N], τ) -> dict of [N] outputs
+# --------------------------------------------------------------------------------------------
+
+
+def _as_dict(st) -> dict[str, torch.Tensor]:
+    """LogitStats -> {name: [N] tensor}."""
+    return {k: getattr(st, k) for k in OUTPUTS}
+
+
+def naive_fp32(logits: torch.Tensor, ids: torch.Tensor, tau: float = 1.0) -> dict[str, torch.Tensor]:
+    """Plain PyTorch: log_softmax in fp32, log-prob gather and H = −Σ p log p (two outputs)."""
+    logq = torch.log_softmax(logits.float() / tau, dim=-1)
+    return {"logp": logq.gather(-1, ids[:, None]).squeeze(-1), "entropy": -(logq.exp() * logq).sum(-1)}
+
+
+def naive_chunked(logits: torch.Tensor, ids: torch.Tensor, tau: float = 1.0, rows: int = 128) -> dict[str, torch.Tensor]:
+    """:func:`naive_fp32` over 128-row chunks (the chunking TRL applies to its entropy)."""
+    parts = [naive_fp32(logits[i : i + rows], ids[i : i + rows], tau) for i in range(0, logits.shape[0], rows)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def verl_style(logits: torch.Tensor, ids: torch.Tensor, tau: float = 1.0) -> dict[str, torch.Tensor]:
+    """H = logsumexp(z) − Σ softmax(z)·z and log π_y = z_y − logsumexp(z), in fp32 (two outputs)."""
+    z = logits.float() / tau
+    lse = torch.logsumexp(z, dim=-1)
+    p = torch.softmax(z, dim=-1)
+    return {"logp": z.gather(-1, ids[:, None]).squeeze(-1) - lse, "entropy": lse - (p * z).sum(-1)}
+
+
+def chunked(logits: torch.Tensor, ids: torch.Tensor, tau: float = 1.0, chunk_rows: int | None = None) -> dict[str, torch.Tensor]:
+    """``entropy_lens.logits.logit_stats`` (all four outputs)."""
+    return _as_dict(logit_stats(logits, ids, tau, chunk_rows=chunk_rows))
+
+
+def proposed_logit_stats(logits: torch.Tensor, ids: torch.Tensor, tau: float = 1.0, chunk_rows: int | None = None) -> dict[str, torch.Tensor]:
+    """Candidate CPU loop for ``logit_stats`` (same equations, finite input only; a proposal, not
+    library code): two fp32 scratch buffers allocated once and reused by every chunk (no per-chunk
+    allocation / page faults), default chunks of ~2 MiB so a chunk stays in cache between passes,
+    no extra fp32 copy for fp32 input at τ = 1, and in-place products instead of
+    ``torch.linalg.vecdot`` (which materialises the product).
+
+    With y = z − m, e = e^y:  S = Σe,  T = Σ e·y,  R = Σ e²·y,  Q = Σ e².
+    """
+    n, v = logits.shape
+    rows = max(1, min(n, chunk_rows or (2 << 20) // (4 * max(v, 1))))
+    inv_t = 1.0 / tau
+    y = torch.empty(rows, v, dtype=torch.float32, device=logits.device)
+    e = torch.empty(rows, v, dtype=torch.float32, device=logits.device)
+    out = torch.empty(4, n, dtype=torch.float32, device=logits.device)
+    for i in range(0, n, rows):
+        j = min(i + rows, n)
+        x, yy, ee = logits[i:j], y[: j - i], e[: j - i]
+        if x.dtype == torch.float32 and inv_t == 1.0:
+            m = x.amax(-1, keepdim=True)
+            torch.sub(x, m, out=yy)
+        else:
+            yy.copy_(x)
+            if inv_t != 1.0:
+                yy.mul_(inv_t)
+            m = yy.amax(-1, keepdim=True)
+            yy.sub_(m)
+        torch.exp(yy, out=ee)
+        s = ee.sum(-1)
+        y_tok = yy.gather(-1, ids[i:j, None]).squeeze(-1)
+        yy.mul_(ee)  # e·y
+        t = yy.sum(-1)
+        yy.mul_(ee)  # e²·y
+        r = yy.sum(-1)
+        ee.mul_(ee)  # e²
+        q = ee.sum(-1)
+        log_s = torch.log(s)
+        out[0, i:j] = y_tok - log_s
+        out[1, i:j] = log_s - t / s
+        out[2, i:j] = q / (s * s)
+        out[3, i:j] = r / (s * s) - log_s * out[2, i:j]
+    return dict(zip(OUTPUTS, out))
+
+
+def _stats_core(x: torch.Tensor, inv_t: float) -> tuple[torch.Tensor, ...]:
+    """Pure function of one chunk for torch.compile: (m, S, T, Q, R) with y = z − m, e = e^y."""
+    z = x.float() * inv_t
+    m = z.amax(-1, keepdim=True)
+    y = z - m
+    e = torch.exp(y)
+    ey = e * y
+    return m.squeeze(-1), e.sum(-1), ey.sum(-1), (e * e).sum(-1), (ey * e).sum(-1)
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def _compiled(name: str, fn: Callable) -> Callable:
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn)  # static first; one dynamic recompile on a new shape
+    return _COMPILED[name]
+
+
+def verl_style_compiled(logits: torch.Tensor, ids: torch.Tensor, tau: float = 1.0) -> dict[str, torch.Tensor]:
+    """``torch.compile`` of :func:`verl_style`."""
+    return _compiled("verl", verl_style)(logits, ids, tau)
+
+
+def proposed_compiled(logits: torch.Tensor, ids: torch.Tensor, tau: float = 1.0, chunk_rows: int | None = None) -> dict[str, torch.Tensor]:
+    """Candidate: ``torch.compile`` of the per-chunk sums (one fused max pass + one fused
+    exp-and-four-sums pass per row, no [chunk, V] temporaries), 1024-row chunks, all four outputs."""
+    n = logits.shape[0]
+    rows = chunk_rows or 1024
+    core = _compiled("core", _stats_core)
+    out = torch.empty(4, n, dtype=torch.float32, device=logits.device)
+    inv_t = 1.0 / tau
+    for i in range(0, n, rows):
+        j = min(i + rows, n)
+        m, s, t, q, r = core(logits[i:j], inv_t)
+        log_s = torch.log(s)
+        z_tok = logits[i:j].gather(-1, ids[i:j, None]).squeeze(-1).float() * inv_t
+        out[0, i:j] = z_tok - m - log_s
+        out[1, i:j] = log_s - t / s
+        out[2, i:j] = q / (s * s)
+        out[3, i:j] = r / (s * s) - log_s * out[2, i:j]
+    return dict(zip(OUTPUTS, out))
+
+
+def triton_kernel(logits: torch.Tensor, ids: torch.Tensor, tau: float = 1.0, **cfg) -> dict[str, torch.Tensor]:
+    """The one-pass Triton kernel without the finiteness check (no host sync)."""
+    from entropy_lens.kernels.triton_logits import logit_stats_triton
+
+    return _as_dict(logit_stats_triton(logits, ids, tau, check=False, **cfg))
+
+
+def auto(logits: torch.Tensor, ids: torch.Tensor, tau: float = 1.0) -> dict[str, torch.Tensor]:
+    """``entropy_lens.kernels.logit_stats_auto`` (kernel + one finiteness sync on CUDA)."""
+    from entropy_lens.kernels import logit_stats_auto
+
+    return _as_dict(logit_stats_auto(logits, ids, tau))
+
+
+METHODS: dict[str, Callable] = {
+    "naive_fp32": naive_fp32,
+    "naive_128row_chunks": naive_chunked,
+    "verl_style": verl_style,
+    "verl_style_compiled": verl_style_compiled,
+    "chunked_logit_stats": chunked,
+    "proposed_eager": proposed_logit_stats,
+    "proposed_compiled": proposed_compiled,
+    "triton_kernel": triton_kernel,
+    "logit_stats_auto": auto,
+}
+CUDA_ONLY = {"triton_kernel", "logit_stats_auto"}
+TWO_OUTPUTS = {"naive_fp32", "naive_128row_chunks", "verl_style", "verl_style_compiled"}
+
+
+# --------------------------------------------------------------------------------------------
+# measurement helpers
+# --------------------------------------------------------------------------------------------
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of tensor storages created by ATen ops while the mode is active.
+
+    Every op output whose storage is new is counted until the last tensor object viewing it dies;
+    storages that existed before (inputs, in-place targets) are not counted. Allocations inside a
+    single kernel (workspaces) and inside compiled graphs are not seen.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, list[int]] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _release(self, key: int) -> None:
+        entry = self.live.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.current -= entry[0]
+            del self.live[key]
+
+    def _track(self, t: torch.Tensor, fresh: bool) -> None:
+        st = t.untyped_storage()
+        key, nbytes = st.data_ptr(), st.nbytes()
+        if nbytes == 0:
+            return
+        if key in self.live:
+            self.live[key][1] += 1
+        elif fresh:
+            self.live[key] = [nbytes, 1]
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+        else:
+            return
+        weakref.finalize(t, self._release, key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        in_keys = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                self._track(t, fresh=t.untyped_storage().data_ptr() not in in_keys)
+        return out
+
+
+def live_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak live tensor bytes (see :class:`LiveTensorBytes`) created while running ``fn``."""
+    with LiveTensorBytes() as mode:
+        res = fn()
+        peak = mode.peak
+    del res
+    return peak
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], device: str, reps: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` in ms (CUDA events on the GPU)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def cuda_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak CUDA memory allocated above the level before the call."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    res = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del res
+    return peak
+
+
+def copy_bandwidth_gbs(device: str, nbytes: int, reps: int) -> float:
+    """Device copy bandwidth in GB/s, counting bytes read + bytes written."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).fill_(1.0)
+    dst = torch.empty_like(src).fill_(0.0)
+    ms = time_ms(lambda: dst.copy_(src), device, reps, warmup=2)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
+def reference64(logits: torch.Tensor, ids: torch.Tensor, tau: float, rows: int = 512) -> dict[str, torch.Tensor]:
+    """Float64 reference, row chunk by row chunk (same equations as ``logit_stats_reference``)."""
+    outs = {k: [] for k in OUTPUTS}
+    for i in range(0, logits.shape[0], rows):
+        z = logits[i : i + rows].double() / tau
+        logq = torch.log_softmax(z, dim=-1)
+        q = logq.exp()
+        plogp = torch.where(q > 0, q * logq, torch.zeros_like(q))
+        outs["logp"].append(logq.gather(-1, ids[i : i + rows, None]).squeeze(-1))
+        outs["entropy"].append(-plogp.sum(-1))
+        outs["sum_p2"].append((q * q).sum(-1))
+        outs["sum_p2_logp"].append((q * plogp).sum(-1))
+        del z, logq, q, plogp
+    return {k: torch.cat(v) for k, v in outs.items()}
+
+
+def max_rel_error(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
+    """max over returned outputs of max|q − q₆₄| / max|q₆₄|."""
+    worst = 0.0
+    for k, v in got.items():
+        r = ref[k]
+        worst = max(worst, float((v.double() - r).abs().max() / r.abs().max().clamp_min(1e-300)))
+    return worst
+
+
+def make_logits(n: int, v: int, dtype: torch.dtype, device: str, seed: int = 0, scale: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian logits (std ``scale``) and uniform token ids, made on ``device``."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.empty(n, v, dtype=dtype, device=device)
+    for i in range(0, n, 1024):  # fp32 noise in slices: no full-size fp32 temporary for bf16
+        x[i : i + 1024] = torch.randn(min(1024, n - i), v, generator=g, device=device).mul_(scale)
+    ids = torch.randint(0, v, (n,), generator=g, device=device)
+    return x, ids
+
+
+# --------------------------------------------------------------------------------------------
+# RSS peak of one call in a fresh subprocess (CPU)
+# --------------------------------------------------------------------------------------------
+
+
+def _proc_status_kb(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field_name} not in /proc/self/status")
+
+
+def _rss_child(method: str, n: int, v: int, dtype: str, tau: float) -> dict:
+    """Run in the child: inputs, one warm-up call, reset the RSS high-water mark, one measured call."""
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    x, ids = make_logits(n, v, getattr(torch, dtype), "cpu")
+    fn = METHODS[method]
+    fn(x, ids, tau)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux ≥ 4.0)
+        reset = True
+    except OSError:
+        reset = False
+    before = _proc_status_kb("VmRSS")
+    res = fn(x, ids, tau)
+    peak = _proc_status_kb("VmHWM")
+    del res
+    return {"peak_rss_delta_bytes": (peak - before) * 1024, "hwm_reset": reset}
+
+
+def rss_peak_bytes(method: str, n: int, v: int, dtype: torch.dtype, tau: float, timeout: float = 900) -> int | None:
+    """Peak RSS increase (bytes) of one call of ``method`` in a fresh Python process; None on failure."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "benchmarks.logits_bench", "--rss-child", method, str(n), str(v), str(dtype).split(".")[-1], str(tau)]
+    env = dict(os.environ, BENCH_THREADS=str(torch.get_num_threads()))
+    try:
+        out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout, env=env, check=True)
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError):
+        return None
+    return int(res["peak_rss_delta_bytes"]) if res.get("hwm_reset") else None
+
+
+# --------------------------------------------------------------------------------------------
+# sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    section: str
+    method: str
+    shape: str
+    outputs: int
+    ms: float
+    gbs: float | None = None
+    frac_copy: float | None = None
+    peak_mb: float | None = None
+    rss_mb: float | None = None
+    rel_err: float | None = None
+    vs_baseline: float | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def bench_logits(device: str, n: int, v: int, dtype: torch.dtype, methods: list, copy_gbs: float, reps: int,
+                 tau: float = 1.0, rss: bool = False, section: str = "logits", errors: bool = True,
+                 baseline: str = "naive_fp32") -> list[Row]:
+    """Time, memory and error of ``methods`` on one [n, v] logits tensor; ``vs_baseline`` = baseline ms / ms.
+
+    ``methods``: names in :data:`METHODS`, or ``(label, fn)`` pairs with ``fn(logits, ids, τ)``.
+    Repetitions run round-robin over the methods, so a change in machine load hits all alike.
+    """
+    x, ids = make_logits(n, v, dtype, device)
+    ref = reference64(x, ids, tau) if errors else None
+    nbytes = x.numel() * x.element_size()
+    shape = f"{n}x{v} {str(dtype).split('.')[-1]}"
+    rows: list[Row] = []
+    calls: dict[str, Callable[[], object]] = {}
+    for m in methods:
+        name, fn = (m, METHODS[m]) if isinstance(m, str) else m
+        call = (lambda fn=fn: fn(x, ids, tau))
+        try:
+            got = call()  # also the warm-up (compilation for compiled methods)
+        except Exception as exc:  # a baseline that cannot run here (e.g. no compiler) is reported, not fatal
+            rows.append(Row(section, name, shape, 0, float("nan"), note=f"failed: {type(exc).__name__}: {exc}"[:160]))
+            continue
+        err = max_rel_error(got, ref) if ref is not None else None
+        n_out = len(got)
+        del got
+        if device == "cuda":
+            peak = cuda_peak_bytes(call)
+        else:
+            peak = None if "compiled" in name else live_peak_bytes(call)
+        rss_b = rss_peak_bytes(name, n, v, dtype, tau) if (rss and device == "cpu" and name in METHODS) else None
+        rows.append(Row(section, name, shape, n_out, float("nan"), peak_mb=None if peak is None else peak / 2**20,
+                        rss_mb=None if rss_b is None else rss_b / 2**20, rel_err=err))
+        calls[name] = call
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(reps):
+        for name, call in calls.items():
+            times[name].append(time_ms(call, device, 1, warmup=0))
+    for r in rows:
+        if r.method in times:
+            r.ms = statistics.median(times[r.method])
+            r.gbs = nbytes / (r.ms * 1e-3) / 1e9
+            r.frac_copy = r.gbs / copy_gbs
+    base = next((r.ms for r in rows if r.method == baseline and not math.isnan(r.ms)), None)
+    for r in rows:
+        if base and not math.isnan(r.ms):
+            r.vs_baseline = base / r.ms
+    return rows
+
+
+def bench_kernel_tune(n: int, v: int, dtype: torch.dtype, copy_gbs: float, reps: int, quick: bool) -> list[Row]:
+    """Triton kernel over (block_v, block_r, num_warps) on CUDA; the default config first."""
+    from entropy_lens.kernels import triton_logits as tk
+
+    x, ids = make_logits(n, v, dtype, "cuda")
+    nbytes = x.numel() * x.element_size()
+    configs = [dict(block_v=tk.DEFAULT_BLOCK_V, block_r=tk.DEFAULT_BLOCK_R, num_warps=tk.DEFAULT_NUM_WARPS)]
+    grid = [(bv, 1, w) for bv in (1024, 2048, 4096, 8192, 16384) for w in (4, 8, 16)] + [(2048, 2, 8), (1024, 4, 8), (2048, 4, 16)]
+    if quick:
+        grid = [(2048, 1, 4), (4096, 1, 16), (8192, 1, 16), (2048, 2, 8)]
+    configs += [dict(block_v=bv, block_r=br, num_warps=w) for bv, br, w in grid]
+    rows = []
+    for cfg in configs:
+        try:
+            ms = time_ms(lambda: triton_kernel(x, ids, 1.0, **cfg), "cuda", reps, warmup=2)
+        except Exception as exc:
+            rows.append(Row("kernel-tune", "triton_kernel", f"{n}x{v}", 4, float("nan"), note=f"{cfg} failed: {exc}"[:160]))
+            continue
+        gbs = nbytes / (ms * 1e-3) / 1e9
+        rows.append(Row("kernel-tune", "triton_kernel", f"{n}x{v}", 4, ms, gbs, gbs / copy_gbs, note=json.dumps(cfg)))
+    return rows
+
+
+def bench_fused(device: str, n: int, d: int, v: int, dtype: torch.dtype, reps: int, quick: bool) -> list[Row]:
+    """Hidden [n, d] × head [v, d]: GEMM alone vs GEMM + statistics vs the fused no-logits variant.
+    ``vs_baseline`` = GEMM-alone ms / ms; memory is the peak above the inputs."""
+    from entropy_lens.kernels.fused import fused_logit_stats, fused_logit_stats_torch
+
+    g = torch.Generator(device=device).manual_seed(1)
+    h = torch.randn(n, d, generator=g, device=device).to(dtype)
+    w = (torch.randn(v, d, generator=g, device=device) * (2.0 / math.sqrt(d))).to(dtype)
+    ids = torch.randint(0, v, (n,), generator=g, device=device)
+    hd, wd = h.double(), w.double()
+    ref = reference64(torch.cat([hd[i : i + 512] @ wd.T for i in range(0, n, 512)]), ids, 1.0) if n * v <= 2**31 else None
+    del hd, wd
+
+    def gemm():
+        return h @ w.T
+
+    methods: dict[str, Callable[[], object]] = {
+        "gemm_only": gemm,
+        "gemm+naive_fp32": lambda: naive_fp32(gemm(), ids),
+        "gemm+chunked_logit_stats": lambda: chunked(gemm(), ids),
+        "fused_torch_chunked": lambda: _as_dict(fused_logit_stats_torch(h, w, ids)),
+    }
+    if device == "cuda":
+        methods["gemm+triton_kernel"] = lambda: triton_kernel(gemm(), ids)
+        methods["fused_triton"] = lambda: _as_dict(fused_logit_stats(h, w, ids))
+        if not quick:
+            from entropy_lens.kernels.fused import fused_logit_stats_triton
+
+            for cfg in ({"block_n": 128, "block_v": 256, "block_d": 64, "num_warps": 8, "num_stages": 3},
+                        {"block_n": 64, "block_v": 128, "block_d": 64, "num_warps": 4, "num_stages": 4},
+                        {"block_n": 128, "block_v": 128, "block_d": 64, "num_warps": 4, "num_stages": 4},
+                        {"block_n": 128, "block_v": 64, "block_d": 128, "num_warps": 4, "num_stages": 3}):
+                methods["fused_triton " + json.dumps(cfg)] = (lambda c=cfg: _as_dict(fused_logit_stats_triton(h, w, ids, check=False, **c)))
+    rows = []
+    for name, call in methods.items():
+        try:
+            got = call()
+        except Exception as exc:
+            rows.append(Row("fused", name, f"{n}x{d}x{v}", 0, float("nan"), note=f"failed: {type(exc).__name__}: {exc}"[:160]))
+            continue
+        err = max_rel_error(got, ref) if (ref is not None and isinstance(got, dict)) else None
+        del got
+        ms = time_ms(call, device, reps, warmup=1)
+        peak = cuda_peak_bytes(call) if device == "cuda" else live_peak_bytes(call)
+        rows.append(Row("fused", name, f"{n}x{d}x{v} {str(dtype).split('.')[-1]}", 0 if name == "gemm_only" else (2 if "naive" in name else 4),
+                        ms, peak_mb=peak / 2**20, rel_err=err))
+    base = next((r.ms for r in rows if r.method == "gemm_only" and not math.isnan(r.ms)), None)
+    for r in rows:
+        if base and not math.isnan(r.ms):
+            r.vs_baseline = base / r.ms
+    return rows
+
+
+QWEN2_1P5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                  num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                  rope_theta=1_000_000.0, tie_word_embeddings=True)
+
+
+def bench_model(device: str, batch: int, seq: int, reps: int, config: dict | None = None) -> list[Row]:
+    """Instrumentation overhead over a bare forward (logits for every position) of a Qwen2-shaped
+    model with random weights (bf16 on CUDA, fp32 on the CPU); ``vs_baseline`` = ms / bare ms."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(**(config or QWEN2_1P5B), attn_implementation="sdpa")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen2ForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(prev)
+    g = torch.Generator(device=device).manual_seed(2)
+    input_ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g, device=device)
+    ids = torch.randint(0, cfg.vocab_size, (batch * seq,), generator=g, device=device)
+    from entropy_lens.forward import decoder_hidden
+    from entropy_lens.kernels import fused_logit_stats
+
+    attn = torch.ones_like(input_ids)
+    head = model.get_output_embeddings().weight
+
+    @torch.no_grad()
+    def bare():
+        return model(input_ids=input_ids, use_cache=False).logits
+
+    @torch.no_grad()
+    def with_stats(stats):
+        z = model(input_ids=input_ids, use_cache=False).logits
+        return stats(z.view(-1, z.shape[-1]), ids)
+
+    @torch.no_grad()
+    def decoder_fused():
+        hid = decoder_hidden(model, input_ids, attn)
+        return fused_logit_stats(hid.reshape(-1, hid.shape[-1]), head, ids)
+
+    methods: dict[str, Callable[[], object]] = {
+        "bare_forward": bare,
+        "forward+naive_fp32": lambda: with_stats(naive_fp32),
+        "forward+chunked_logit_stats": lambda: with_stats(chunked),
+        "decoder+fused_logit_stats": decoder_fused,
+    }
+    if device == "cuda":
+        methods["forward+triton_kernel"] = lambda: with_stats(triton_kernel)
+        methods["forward+logit_stats_auto"] = lambda: with_stats(auto)
+    rows = []
+    shape = f"{batch}x{seq} L{cfg.num_hidden_layers} D{cfg.hidden_size} V{cfg.vocab_size}"
+    for name, call in methods.items():
+        try:
+            ms = time_ms(call, device, reps, warmup=2)
+            peak = cuda_peak_bytes(call) / 2**20 if device == "cuda" else None
+        except Exception as exc:
+            rows.append(Row("model", name, shape, 0, float("nan"), note=f"failed: {type(exc).__name__}: {exc}"[:160]))
+            continue
+        rows.append(Row("model", name, shape, 0 if name == "bare_forward" else (2 if "naive" in name else 4), ms, peak_mb=peak))
+    base = next((r.ms for r in rows if r.method == "bare_forward" and not math.isnan(r.ms)), None)
+    for r in rows:
+        if base and not math.isnan(r.ms):
+            r.vs_baseline = r.ms / base
+            r.note = r.note or f"overhead {100 * (r.ms / base - 1):+.1f}%"
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt(x, spec: str) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return format(x, spec)
+
+
+def markdown_table(rows: list[Row]) -> str:
+    """One markdown table of ``rows`` (ratio column: speed-up vs the section's baseline, or ms / bare
+    forward in the ``model`` section)."""
+    head = "| section | method | shape | outputs | ms | GB/s | ×copy BW | peak MB (live tensors / CUDA) | peak RSS MB | max rel err | ratio | note |"
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r.section, r.method, r.shape, str(r.outputs), _fmt(r.ms, ".3f" if r.ms < 10 else ".1f"), _fmt(r.gbs, ".1f"),
+            _fmt(r.frac_copy, ".3f"), _fmt(r.peak_mb, ".1f"), _fmt(r.rss_mb, ".1f"), _fmt(r.rel_err, ".1e"),
+            _fmt(r.vs_baseline, ".2f"), r.note.replace("|", "/"),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def run(device: str, quick: bool, smoke: bool = False) -> dict:
+    """Run every section for ``device``; returns {"meta": ..., "rows": [Row...]} (no printing)."""
+    cuda = device == "cuda"
+    rows: list[Row] = []
+    if smoke:  # tiny sizes: exercises every code path in seconds (tests)
+        n, v, dt, reps = 64, 1000, torch.float32, 1
+    elif cuda:
+        n, v, dt, reps = 8192, 151_936, torch.bfloat16, (5 if quick else 20)
+    else:
+        n, v, dt, reps = (1024 if quick else 4096), 49_152, torch.float32, (1 if quick else 3)
+    copy_bytes = n * v * torch.tensor([], dtype=dt).element_size()
+    copy_gbs = copy_bandwidth_gbs(device, copy_bytes if cuda else min(copy_bytes, 512 * 2**20), reps=max(reps, 3))
+    rows.append(Row("copy", "copy_", f"{copy_bytes / 1e9:.2f} GB", 0, 2 * copy_bytes / (copy_gbs * 1e9) * 1e3, copy_gbs, 1.0,
+                    note="read + write bytes"))
+
+    methods = [m for m in METHODS if cuda or m not in CUDA_ONLY]
+    if cuda:
+        methods = [m for m in methods if not m.startswith("proposed")]
+    if quick and not smoke:
+        methods = [m for m in methods if m != "proposed_compiled"]
+    if not cuda and not smoke:
+        # the current chunked path at other chunk sizes and the candidate at other chunk sizes, side by side
+        methods += [(f"chunked_logit_stats chunk_rows={cr}", lambda x, i, t, cr=cr: chunked(x, i, t, chunk_rows=cr)) for cr in (16, 64, 512)]
+        methods += [(f"proposed_eager chunk_rows={cr}", lambda x, i, t, cr=cr: proposed_logit_stats(x, i, t, chunk_rows=cr)) for cr in (32, 170)]
+    rows += bench_logits(device, n, v, dt, methods, copy_gbs, reps, rss=(not cuda and not smoke))
+    if not cuda and not smoke:
+        rows += bench_logits(device, n, v, dt, ["naive_fp32", "chunked_logit_stats", "proposed_eager", "proposed_compiled"],
+                             copy_gbs, reps, tau=0.7, section="logits τ=0.7")
+    if cuda:
+        rows += bench_kernel_tune(n, v, dt, copy_gbs, reps, quick)
+        if not quick:
+            for nn in (1024, 2048, 4096, 16384):
+                rows += bench_logits(device, nn, v, dt, ["naive_fp32", "verl_style_compiled", "chunked_logit_stats", "triton_kernel"],
+                                     copy_gbs, reps, section="sweep N", errors=False)
+            for vv in (32_000, 50_304, 128_256, 256_000):
+                rows += bench_logits(device, n, vv, dt, ["naive_fp32", "verl_style_compiled", "chunked_logit_stats", "triton_kernel"],
+                                     copy_gbs, reps, section="sweep V", errors=False)
+    # fused: GPU 8192 × 1536 × 151,936 bf16; CPU a SmolLM2-135M-shaped head (D 576, V 49,152)
+    if smoke:
+        rows += bench_fused(device, 48, 32, 300, torch.float32, 1, quick=True)
+    elif cuda:
+        rows += bench_fused(device, 8192, 1536, 151_936, torch.bfloat16, reps, quick)
+    else:
+        rows += bench_fused(device, 256 if quick else 1024, 576, 49_152, torch.float32, reps, quick=True)
+    if cuda:
+        rows += bench_model(device, 8, 1024, reps)
+    elif smoke:
+        rows += bench_model(device, 2, 16, 1, dict(QWEN2_1P5B, vocab_size=300, hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    meta = {
+        "device": device_name(device), "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "command": "python -m benchmarks.logits_bench " + " ".join(sys.argv[1:]),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "quick": quick,
+        "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "TRITON_INTERPRET") if k in os.environ},
+    }
+    return {"meta": meta, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.logits_bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
+    p.add_argument("--quick", action="store_true", help="smaller CPU case, fewer repetitions, no sweeps")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, every code path (seconds)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--json", default=None, help="also write all rows as JSON here")
+    p.add_argument("--markdown", default=None, help="also write the markdown tables here")
+    p.add_argument("--rss-child", nargs=5, metavar=("METHOD", "N", "V", "DTYPE", "TAU"), help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.rss_child:
+        m, n, v, dt, tau = a.rss_child
+        print(json.dumps(_rss_child(m, int(n), int(v), dt, float(tau))))
+        return 0
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    res = run(device, a.quick, a.smoke)
+    meta = res["meta"]
+    text = [f"device: {meta['device']}", f"date: {meta['date']}", f"command: {meta['command']}",
+            f"torch {meta['torch']}, threads {meta['threads']}, load average {meta['load_avg']}, env {meta['env']}", "",
+            markdown_table(res["rows"])]
+    out = "\n".join(text)
+    print(out)
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write(out + "\n")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"meta": meta, "rows": [asdict(r) for r in res["rows"]]}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

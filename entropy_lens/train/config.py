@@ -1,0 +1,439 @@
+"""Configuration of the reference trainer: frozen dataclasses, presets and dotted overrides.
+
+A run is fully described by a :class:`TrainConfig` (sections ``model, task, sft, rollout, optim,
+log, checkpoint`` plus ``preset, method, method_params, seed, steps``). Build one with
+:func:`build_config`, which starts from a preset and applies ``--set`` overrides such as
+``optim.lr=3e-4``, ``rollout.n=4`` or ``method.lambda_min=0.7`` (``method.*`` keys are the chosen
+method's parameters, checked by the method registry). Unknown keys, unknown presets/methods and
+out-of-range values raise ``ValueError`` with one line naming the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from ..methods import get_method, params_from_dict
+from ..objective import AGG_MODES
+from ..advantages import ADVANTAGES
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``source``: ``tiny`` (a Llama-shaped model built from the sizes below, random init),
+    ``bundled`` (SmolLM2-135M-Instruct) or a Hugging Face model folder."""
+
+    source: str = "tiny"
+    hidden_size: int = 64
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 4
+    intermediate_size: int = 128
+    max_positions: int = 64
+    attn: str = "sdpa"
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """``name``: ``arithmetic`` or ``gsm8k``. Arithmetic: ``digits`` per operand, ``n_operands``,
+    ``ops`` (subset of ``+-*``). GSM8K: ``path`` (None: shipped/shared problems), ``grader``
+    (``math`` | ``dapo``). ``reward``: ``task`` (the task's verifier) or ``module:function``.
+    ``convention``: ``pm1`` (+1/−1) or ``01``. ``max_new_tokens``: 0 = the task's default."""
+
+    name: str = "arithmetic"
+    digits: int = 2
+    n_operands: int = 2
+    ops: str = "+"
+    eval_size: int = 256
+    split_seed: int = 1234
+    path: str | None = None
+    grader: str = "math"
+    reward: str = "task"
+    convention: str = "pm1"
+    max_new_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Supervised warm-up on correct answers before RL (0 steps: none). With ``target_accuracy``
+    it stops early, at the first check (every ``check_every`` steps) where the greedy accuracy on
+    ``dev_size`` *training* problems reaches the target, so every seed starts RL from a comparable
+    point (the held-out eval set is never used for this); ``steps`` is then the maximum.
+    ``cache_dir``: reuse the warmed-up weights of an identical (model, task, sft, seed) setting from
+    this folder (bit-identical to running the warm-up again)."""
+
+    steps: int = 0
+    batch_size: int = 64
+    lr: float = 3e-3
+    target_accuracy: float | None = None
+    check_every: int = 10
+    dev_size: int = 256
+    cache_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """``batch_size`` responses per step = prompts × ``n`` (the group size); sampled at
+    ``temperature`` from the full softmax; ``gen_batch`` sequences per generate call."""
+
+    batch_size: int = 128
+    n: int = 8
+    temperature: float = 1.0
+    gen_batch: int = 128
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """RL update: ``name`` adamw | sgd, learning rate ``lr`` (η), ``grad_clip`` (max global norm,
+    None: off). Each step's batch is split into ``mini_batches`` consecutive mini-batches (one
+    optimizer step each) for ``ppo_epochs`` passes; ``micro_batch`` sequences per forward/backward
+    (None: the whole mini-batch) — it is also the "micro" scope of the methods.
+    ``agg_mode``: loss aggregation (:data:`entropy_lens.objective.AGG_MODES`); ``advantage``:
+    estimator of :mod:`entropy_lens.advantages`."""
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    ppo_epochs: int = 1
+    mini_batches: int = 4
+    micro_batch: int | None = None
+    agg_mode: str = "token-mean"
+    advantage: str = "grpo"
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """``eval_every``: greedy accuracy on the held-out set every k steps (0: only at the end);
+    ``jvp_every``: the parameter-space ΔH prediction every k steps (0: never);
+    ``pass_k``: the k of pass@k on the eval set at the end (n = max k samples per prompt; empty:
+    skip); ``save_rollouts``: write ``rollouts/step_NNNNNN.parquet``."""
+
+    eval_every: int = 10
+    jvp_every: int = 1
+    pass_k: tuple[int, ...] = (1, 2, 4, 8, 16)
+    save_rollouts: bool = True
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """A checkpoint every ``every`` steps (and after the last one); the newest ``keep_last`` are kept."""
+
+    every: int = 10
+    keep_last: int = 2
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. ``method_params``: the method's parameter overrides as sorted pairs.
+    ``threads``: torch CPU threads (None: leave as is); ``deterministic``: use
+    ``torch.use_deterministic_algorithms`` (needed for bit-identical resume)."""
+
+    preset: str
+    method: str = "grpo"
+    method_params: tuple[tuple[str, Any], ...] = ()
+    seed: int = 0
+    steps: int = 200
+    threads: int | None = None
+    deterministic: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.rollout.batch_size // self.rollout.n
+
+    def method_param_dict(self) -> dict[str, Any]:
+        return dict(self.method_params)
+
+
+SECTIONS = ("model", "task", "sft", "rollout", "optim", "log", "checkpoint")
+TOP_LEVEL = ("seed", "steps", "threads", "deterministic")
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------------------------
+
+
+def _arithmetic_tiny() -> TrainConfig:
+    """Tiny Llama (2 layers, width 64, ~83k parameters) trained from scratch on 2-digit addition:
+    SFT warm-up, then 200 RL steps of 16 prompts × 8 samples; minutes on 2 CPU cores."""
+    return TrainConfig(
+        preset="arithmetic-tiny",
+        steps=200,
+        model=ModelConfig(),
+        task=TaskConfig(name="arithmetic", digits=2, n_operands=2, ops="+", eval_size=256),
+        sft=SFTConfig(steps=2000, batch_size=64, lr=3e-3, target_accuracy=0.4, check_every=10, dev_size=256),
+        rollout=RolloutConfig(batch_size=128, n=8, temperature=1.0, gen_batch=128),
+        optim=OptimConfig(name="adamw", lr=2e-4, mini_batches=4, ppo_epochs=1),
+        log=LogConfig(eval_every=10, jvp_every=4, pass_k=(1, 2, 4, 8, 16)),
+        checkpoint=CheckpointConfig(every=25, keep_last=2),
+    )
+
+
+def _gsm8k_smollm2() -> TrainConfig:
+    """The bundled SmolLM2-135M-Instruct on GSM8K prompts (a few steps on CPU; same code on GPU)."""
+    return TrainConfig(
+        preset="gsm8k-smollm2",
+        steps=2,
+        model=ModelConfig(source="bundled"),
+        task=TaskConfig(name="gsm8k", eval_size=0, grader="math", convention="pm1", max_new_tokens=160),
+        sft=SFTConfig(steps=0),
+        rollout=RolloutConfig(batch_size=8, n=4, temperature=1.0, gen_batch=8),
+        optim=OptimConfig(name="adamw", lr=1e-6, mini_batches=1, micro_batch=2, grad_clip=1.0),
+        log=LogConfig(eval_every=0, jvp_every=0, pass_k=()),
+        checkpoint=CheckpointConfig(every=1, keep_last=1),
+    )
+
+
+PRESETS = {"arithmetic-tiny": _arithmetic_tiny, "gsm8k-smollm2": _gsm8k_smollm2}
+
+
+def list_presets() -> list[str]:
+    return list(PRESETS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_value(text: str) -> Any:
+    """Untyped ``--set`` value: true/false, none/null, int, float (incl. inf), else the string."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for conv in (int, float):
+        try:
+            return conv(text.strip())
+        except ValueError:
+            pass
+    return text
+
+
+def _coerce(key: str, text: Any, hint: Any) -> Any:
+    """Convert an override value to the field's annotated type (``X | None``, int, float, bool,
+    str, tuple[int, ...])."""
+    args = typing.get_args(hint)
+    raw = parse_value(text) if isinstance(text, str) else text
+    if type(None) in args:
+        if raw is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if hint is bool:
+        if not isinstance(raw, bool):
+            raise ValueError(f"{key} must be true or false, got {text!r}")
+        return raw
+    if hint is int:
+        if isinstance(raw, bool) or not (isinstance(raw, int) or (isinstance(raw, float) and raw.is_integer())):
+            raise ValueError(f"{key} must be an integer, got {text!r}")
+        return int(raw)
+    if hint is float:
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise ValueError(f"{key} must be a number, got {text!r}")
+        return float(raw)
+    if hint is str:
+        return str(text) if isinstance(text, str) else str(raw)
+    if typing.get_origin(hint) is tuple:
+        if isinstance(raw, (list, tuple)):
+            items = list(raw)
+        else:
+            s = str(text).strip().strip("()[]")
+            items = [x for x in s.replace(";", ",").split(",") if x.strip()] if s else []
+        try:
+            return tuple(int(x) for x in items)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key} must be a comma-separated list of integers, got {text!r}") from None
+    return raw
+
+
+def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+    """``{"optim.lr": "3e-4", "method.lambda_min": "0.7", "seed": 1}`` applied to ``cfg``.
+
+    Keys: ``<section>.<field>``, a top-level field (:data:`TOP_LEVEL`), or ``method.<param>``.
+    Values may be strings (parsed for the field's type) or already typed.
+    """
+    hints = typing.get_type_hints(TrainConfig)
+    top: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {}
+    mparams = dict(cfg.method_params)
+    for key, value in overrides.items():
+        head, dot, rest = key.partition(".")
+        if not dot:
+            if head not in TOP_LEVEL:
+                raise ValueError(
+                    f"unknown config key {key!r}; valid: {', '.join(TOP_LEVEL)}, "
+                    f"method.<param> or <section>.<field> with section in {', '.join(SECTIONS)}"
+                )
+            top[head] = _coerce(key, value, hints[head])
+        elif head == "method":
+            mparams[rest] = parse_value(value) if isinstance(value, str) else value
+        elif head in SECTIONS:
+            sec_cls = type(getattr(cfg, head))
+            sec_hints = typing.get_type_hints(sec_cls)
+            if rest not in sec_hints:
+                valid = ", ".join(f.name for f in fields(sec_cls))
+                raise ValueError(f"unknown config key {key!r}; valid keys of {head}: {valid}")
+            sections.setdefault(head, {})[rest] = _coerce(key, value, sec_hints[rest])
+        else:
+            raise ValueError(
+                f"unknown config section {head!r} in {key!r}; valid: method, {', '.join(SECTIONS)}"
+            )
+    new = replace(cfg, **top, **{s: replace(getattr(cfg, s), **v) for s, v in sections.items()})
+    return replace(new, method_params=tuple(sorted(mparams.items())))
+
+
+def build_config(
+    preset: str,
+    method: str = "grpo",
+    overrides: dict[str, Any] | list[str] | None = None,
+    seed: int | None = None,
+    steps: int | None = None,
+) -> TrainConfig:
+    """A validated config: ``preset`` defaults, the ``method``, ``overrides`` (a dict or a list of
+    ``"key=value"`` strings), then ``seed``/``steps`` when given."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+    get_method(method)  # unknown method -> ValueError listing the registered ones
+    cfg = replace(PRESETS[preset](), method=method)
+    cfg = apply_overrides(cfg, parse_set_items(overrides) if isinstance(overrides, list) else dict(overrides or {}))
+    if seed is not None:
+        cfg = replace(cfg, seed=int(seed))
+    if steps is not None:
+        cfg = replace(cfg, steps=int(steps))
+    validate_config(cfg)
+    return cfg
+
+
+def parse_set_items(items: list[str]) -> dict[str, str]:
+    """``["a.b=v", ...]`` → ``{"a.b": "v"}``; a malformed item is a ``ValueError``."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE (e.g. optim.lr=1e-4), got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Raise ``ValueError`` (one line) on any value the trainer cannot run with."""
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ValueError(msg)
+
+    params_from_dict(cfg.method, cfg.method_param_dict())  # unknown/out-of-range method parameters
+    o, r, t, m = cfg.optim, cfg.rollout, cfg.task, cfg.model
+    need(cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}")
+    need(cfg.threads is None or cfg.threads >= 1, f"threads must be >= 1, got {cfg.threads}")
+    need(math.isfinite(o.lr) and o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+    need(o.name in ("adamw", "sgd"), f"optim.name must be adamw or sgd, got {o.name!r}")
+    need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    need(o.grad_clip is None or o.grad_clip > 0, f"optim.grad_clip must be > 0 or none, got {o.grad_clip}")
+    need(o.ppo_epochs >= 1, f"optim.ppo_epochs must be >= 1, got {o.ppo_epochs}")
+    need(o.mini_batches >= 1, f"optim.mini_batches must be >= 1, got {o.mini_batches}")
+    need(o.micro_batch is None or o.micro_batch >= 1, f"optim.micro_batch must be >= 1, got {o.micro_batch}")
+    need(o.agg_mode in AGG_MODES, f"optim.agg_mode must be one of {', '.join(AGG_MODES)}, got {o.agg_mode!r}")
+    need(o.advantage in ADVANTAGES, f"optim.advantage must be one of {', '.join(ADVANTAGES)}, got {o.advantage!r}")
+    need(r.n >= 2, f"rollout.n (group size) must be >= 2, got {r.n}")
+    need(r.batch_size >= r.n, f"rollout.batch_size must be >= rollout.n, got {r.batch_size} < {r.n}")
+    need(
+        r.batch_size % r.n == 0,
+        f"rollout.batch_size={r.batch_size} is not divisible by the group size rollout.n={r.n}",
+    )
+    need(
+        r.batch_size % o.mini_batches == 0,
+        f"rollout.batch_size={r.batch_size} is not divisible by optim.mini_batches={o.mini_batches}",
+    )
+    need(math.isfinite(r.temperature) and r.temperature > 0, f"rollout.temperature must be > 0, got {r.temperature}")
+    need(r.gen_batch >= 1, f"rollout.gen_batch must be >= 1, got {r.gen_batch}")
+    need(t.name in ("arithmetic", "gsm8k"), f"task.name must be arithmetic or gsm8k, got {t.name!r}")
+    need(t.convention in ("pm1", "01"), f"task.convention must be pm1 or 01, got {t.convention!r}")
+    need(t.grader in ("math", "dapo"), f"task.grader must be math or dapo, got {t.grader!r}")
+    need(t.max_new_tokens >= 0, f"task.max_new_tokens must be >= 0, got {t.max_new_tokens}")
+    need(m.attn in ("sdpa", "eager"), f"model.attn must be sdpa or eager, got {m.attn!r}")
+    need(
+        (t.name == "arithmetic") == (m.source == "tiny"),
+        f"task.name={t.name} cannot run with model.source={m.source}: the arithmetic task needs the tiny "
+        "model (its own character vocabulary), gsm8k a pretrained one (bundled or a folder)",
+    )
+    if m.source == "tiny":
+        need(m.hidden_size % m.heads == 0, f"model.hidden_size={m.hidden_size} is not divisible by model.heads={m.heads}")
+        need(m.heads % m.kv_heads == 0, f"model.heads={m.heads} is not divisible by model.kv_heads={m.kv_heads}")
+        need(min(m.layers, m.hidden_size, m.intermediate_size) >= 1, "model sizes must be >= 1")
+    need(cfg.sft.steps >= 0, f"sft.steps must be >= 0, got {cfg.sft.steps}")
+    need(cfg.sft.steps == 0 or (cfg.sft.lr > 0 and cfg.sft.batch_size >= 1), "sft.lr must be > 0 and sft.batch_size >= 1")
+    need(cfg.sft.steps == 0 or t.name == "arithmetic", "sft warm-up is only defined for the arithmetic task")
+    need(
+        cfg.sft.target_accuracy is None or 0 < cfg.sft.target_accuracy <= 1,
+        f"sft.target_accuracy must be in (0, 1] or none, got {cfg.sft.target_accuracy}",
+    )
+    need(cfg.sft.check_every >= 1 and cfg.sft.dev_size >= 1, "sft.check_every and sft.dev_size must be >= 1")
+    need(cfg.log.eval_every >= 0 and cfg.log.jvp_every >= 0, "log.eval_every and log.jvp_every must be >= 0")
+    need(t.eval_size >= 0, f"task.eval_size must be >= 0, got {t.eval_size}")
+    need(
+        t.eval_size > 0 or (cfg.log.eval_every == 0 and not cfg.log.pass_k),
+        "task.eval_size=0 (no held-out problems) needs log.eval_every=0 and an empty log.pass_k",
+    )
+    need(all(k >= 1 for k in cfg.log.pass_k), f"log.pass_k must hold integers >= 1, got {cfg.log.pass_k}")
+    need(cfg.checkpoint.every >= 1, f"checkpoint.every must be >= 1, got {cfg.checkpoint.every}")
+    need(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
+
+
+# ---------------------------------------------------------------------------------------------
+# To and from plain dicts (config.yaml)
+# ---------------------------------------------------------------------------------------------
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists, method parameters as a dict)."""
+    d = dataclasses.asdict(cfg)
+    d["method_params"] = dict(cfg.method_params)
+    d["log"]["pass_k"] = list(cfg.log.pass_k)
+    return d
+
+
+def config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    """Inverse of :func:`config_to_dict` (validated)."""
+    d = dict(d)
+    secs = {}
+    for s in SECTIONS:
+        cls = type(getattr(TrainConfig(preset="x"), s))
+        vals = dict(d.pop(s, {}) or {})
+        if s == "log" and "pass_k" in vals:
+            vals["pass_k"] = tuple(vals["pass_k"])
+        secs[s] = cls(**vals)
+    mp = tuple(sorted((d.pop("method_params", {}) or {}).items()))
+    cfg = TrainConfig(**d, method_params=mp, **secs)
+    validate_config(cfg)
+    return cfg
+
+
+def config_diff(a: TrainConfig, b: TrainConfig, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys whose values differ between two configs (``ignore``: top-level keys to skip)."""
+    da, db = config_to_dict(a), config_to_dict(b)
+    out = []
+
+    def walk(x: Any, y: Any, prefix: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y)):
+                walk(x.get(k), y.get(k), f"{prefix}{k}.")
+        elif x != y:
+            out.append(f"{prefix[:-1]} ({x!r} vs {y!r})")
+
+    for k in sorted(set(da) | set(db)):
+        if k not in ignore:
+            walk(da.get(k), db.get(k), f"{k}.")
+    return out

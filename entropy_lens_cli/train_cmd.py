@@ -1,0 +1,121 @@
+"""``entropy-lens train``: the reference GRPO/STEER trainer (thin: parse, call the library, print).
+
+    entropy-lens train --preset arithmetic-tiny --method steer [--set optim.lr=1e-4 ...]
+                       [--seed S] [--steps N] -o DIR [--resume]
+
+Exit codes: 0 done; 2 user error (one line on stderr: unknown preset/method/key, bad value, a
+reward function that raised, a run folder in the way); 3 the run diverged (non-finite loss; the
+last good checkpoint is kept and named).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+EXIT_USAGE = 2
+EXIT_DIVERGED = 3
+
+err_console = Console(stderr=True)
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> None:
+    """One line on stderr, then exit with ``code``."""
+    typer.echo("error: " + " ".join(str(message).split()), err=True)
+    raise typer.Exit(code)
+
+
+def resolve_run_config(
+    preset: Optional[str], method: Optional[str], set_items: list[str], seed: Optional[int],
+    steps: Optional[int], out: Path, resume: bool,
+) -> tuple[Any, dict[str, str]]:
+    """The run's config: from the flags (fresh run), or the saved config.yaml updated by the flags
+    (``--resume``; the library then checks that nothing but ``steps`` changed)."""
+    from entropy_lens.train import build_config, load_run_config, parse_set_items
+
+    given = parse_set_items(set_items)
+    if resume:
+        saved, saved_set = load_run_config(out)
+        overrides = {**saved_set, **given}
+        cfg = build_config(preset or saved.preset, method or saved.method, overrides,
+                           seed if seed is not None else saved.seed, steps if steps is not None else saved.steps)
+        return cfg, overrides
+    cfg = build_config(preset or "arithmetic-tiny", method or "grpo", given, seed, steps)
+    return cfg, given
+
+
+def train(
+    out: Annotated[Path, typer.Option("-o", "--out", help="run folder (metrics.jsonl, rollouts/, checkpoints/, config.yaml, summary.json)")],
+    preset: Annotated[Optional[str], typer.Option("--preset", help="arithmetic-tiny (default) or gsm8k-smollm2")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", "-m", help="registered method (entropy-lens methods); default grpo")] = None,
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", help="override KEY=VALUE, e.g. optim.lr=1e-4, rollout.n=4, method.lambda_min=0.7 (repeatable)"),
+    ] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="seed of every random stream")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="number of RL steps")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in -o from its newest checkpoint")] = False,
+) -> None:
+    """Train with GRPO or any registered intervention and log predicted vs measured entropy change."""
+    from entropy_lens.train import TrainingDiverged
+    from entropy_lens.train import train as run_training
+
+    try:
+        cfg, overrides = resolve_run_config(preset, method, list(set_ or []), seed, steps, out, resume)
+    except ValueError as exc:
+        _fail(str(exc))
+
+    with Progress(
+        TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=err_console, transient=False,
+    ) as prog:
+        bars: dict[str, Any] = {}
+
+        def progress(event: str, info: dict[str, Any]) -> None:
+            if event == "sft":
+                if "sft" not in bars:
+                    bars["sft"] = prog.add_task("sft", total=info["total"], info="")
+                prog.update(bars["sft"], completed=info["step"], info=f"loss {info['loss']:.3f}")
+            elif event == "start":
+                bars["rl"] = prog.add_task("rl", total=info["total"], completed=info["start"], info="")
+            elif event == "step":
+                r = info["record"]
+                ev = f"  eval {r['eval_accuracy']:.3f}" if "eval_accuracy" in r else ""
+                prog.update(bars["rl"], completed=info["step"],
+                            info=f"acc {r['accuracy']:.3f}  H {r['entropy_mean']:.3f}  ΔH {r['dh_measured']:+.2f}{ev}")
+
+        try:
+            summary = run_training(cfg, out, resume=resume, set_items=overrides, progress=progress)
+        except TrainingDiverged as exc:
+            prog.stop()
+            _fail(str(exc), EXIT_DIVERGED)
+        except ValueError as exc:
+            prog.stop()
+            _fail(str(exc))
+
+    console = Console()
+    t = Table(title=f"{cfg.preset} · {cfg.method} · seed {cfg.seed}")
+    t.add_column("quantity")
+    t.add_column("value", justify="right")
+
+    def f(x: Any) -> str:
+        return "n/a" if x is None else f"{x:.4f}"
+
+    t.add_row("mean entropy, first → last step (nats)", f"{f(summary['entropy_first'])} → {f(summary['entropy_last'])}")
+    t.add_row("sample accuracy, first → last step", f"{f(summary['accuracy_first'])} → {f(summary['accuracy_last'])}")
+    t.add_row("greedy eval accuracy, start → end", f"{f(summary['eval_accuracy_step0'])} → {f(summary['eval_accuracy_last'])}")
+    if summary.get("pass_at_k"):
+        t.add_row("pass@k (eval set)", "  ".join(f"@{k} {v:.3f}" for k, v in summary["pass_at_k"].items()))
+    t.add_row("wall time of the RL steps (s)", f"{summary['wall_s_steps']:.1f}")
+    console.print(t)
+    console.print(f"wrote {out}/metrics.jsonl, rollouts/, checkpoints/, config.yaml, summary.json")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``train`` command to the main app."""
+    app.command("train")(train)
