@@ -199,6 +199,15 @@ def test_fused_kernel_bad_input():
         fk.fused_logit_stats_triton(h, torch.randn(100, 31, device=DEV), ids)
 
 
+def test_fused_torch_path_reports_the_hidden_row():
+    h, w = torch.randn(10, 8), torch.randn(40, 8)
+    h[7, 2] = float("nan")
+    with pytest.raises(ValueError, match="row 7$"):
+        fused_logit_stats_torch(h, w, torch.zeros(10, dtype=torch.long), chunk_rows=3)
+    with pytest.raises(ValueError, match="hidden size mismatch"):
+        fused_logit_stats(h, torch.randn(40, 9), torch.zeros(10, dtype=torch.long))
+
+
 def test_fused_cpu_dispatch_is_chunked_torch_path():
     g = torch.Generator().manual_seed(4)
     h, w = torch.randn(30, 16, generator=g), torch.randn(90, 16, generator=g)

@@ -17,6 +17,8 @@ otherwise a chunked torch path that materialises one chunk of rows at a time.
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from ..logits import LogitStats, default_chunk_rows, logit_stats
@@ -61,7 +63,10 @@ def fused_logit_stats_torch(
     w_t = weight.float().T
     for i in range(0, n, rows):
         j = min(i + rows, n)
-        st = logit_stats(hidden[i:j].float() @ w_t, ids[i:j], temperature)
+        try:
+            st = logit_stats(hidden[i:j].float() @ w_t, ids[i:j], temperature)
+        except ValueError as exc:  # rows of the chunk -> rows of `hidden`
+            raise ValueError(re.sub(r"row (\d+)", lambda mt: f"row {int(mt.group(1)) + i}", str(exc))) from None
         for o, r in zip(outs, (st.logp, st.entropy, st.sum_p2, st.sum_p2_logp)):
             o[i:j] = r
     return LogitStats(*outs)
