@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .logits import default_chunk_rows, logit_stats
+from .kernels import logit_stats_auto
+from .logits import default_chunk_rows
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def response_stats(
         ids = sub.response_ids[sub.mask]
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in out}
         for j in range(0, h.shape[0], rows):
-            st = logit_stats(head_logits(model, h[j : j + rows]), ids[j : j + rows], temperature, chunk_rows=rows)
+            st = logit_stats_auto(head_logits(model, h[j : j + rows]), ids[j : j + rows], temperature, chunk_rows=rows)
             for k in out:
                 parts[k].append(getattr(st, k))
         for k in out:
