@@ -25,7 +25,7 @@ from .forward import pack, response_stats
 from .io.rollouts import RolloutError, Tokenized, old_logp_grid, tokenize_rollouts
 from .io.writers import atomic_write_json, atomic_write_parquet
 from .tokens import TokenBatch
-from .validate import closed_form_columns, score_estimator
+from .validate import closed_form_columns, score_estimator, zero_advantage_notes
 
 Progress = Callable[[str, int], None]
 
@@ -207,11 +207,7 @@ def summarize_analysis(frame: pd.DataFrame, batch: TokenBatch, settings: Analyze
         "retokenized": tok.retokenized,
         "notes": list(tok.notes),
     }
-    seq_adv = batch.adv.abs().amax(-1)
-    groups = batch.group_id.unique()
-    zero = int(sum(1 for g in groups if bool((seq_adv[batch.group_id == g] == 0).all())))
-    if zero:
-        summary["notes"].append(f"{zero} of {len(groups)} groups have equal rewards: advantage 0, no update from them")
+    summary["notes"] += zero_advantage_notes(batch)
     if "dh_measured" in frame.columns:
         meas = frame["dh_measured"].to_numpy()
         summary["estimators"] = {

@@ -221,6 +221,16 @@ def run_validate(
     return frame, summary
 
 
+def zero_advantage_notes(batch: TokenBatch) -> list[str]:
+    """A note when some groups have all-equal rewards (advantage 0: no update from them)."""
+    seq_adv = batch.adv.abs().amax(-1)
+    groups = batch.group_id.unique()
+    zero = int(sum(1 for g in groups if bool((seq_adv[batch.group_id == g] == 0).all())))  # loop over groups
+    if not zero:
+        return []
+    return [f"{zero} of {len(groups)} groups have equal rewards: advantage 0, no update from them"]
+
+
 def summarize(frame: pd.DataFrame, batch: TokenBatch, settings: ValidateSettings, tok: Tokenized, loss: float) -> dict[str, Any]:
     """summary.json content: estimator scores, settings, per-quadrant shares and notes."""
     L = batch.n_tokens
@@ -230,12 +240,8 @@ def summarize(frame: pd.DataFrame, batch: TokenBatch, settings: ValidateSettings
         if name in frame.columns:
             pred = est.scaled_prediction(name, torch.tensor(frame[name].to_numpy()), settings.lr, L).numpy()
             scores[name] = score_estimator(pred, meas)
-    seq_adv = batch.adv.abs().amax(-1)
     n_groups = int(batch.group_id.unique().numel())
-    zero_groups = int(sum(1 for g in batch.group_id.unique() if bool((seq_adv[batch.group_id == g] == 0).all())))
-    notes = list(tok.notes)
-    if zero_groups:
-        notes.append(f"{zero_groups} of {n_groups} groups have equal rewards: advantage 0, no update from them")
+    notes = list(tok.notes) + zero_advantage_notes(batch)
     quad = {}
     for q in (1, 2, 3, 4):
         sel = frame["quadrant"] == q

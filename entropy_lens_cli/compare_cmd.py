@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -84,22 +83,7 @@ def _write_atomic(out: Path, files: dict[str, Any]) -> None:
                 os.remove(tmp)
 
 
-def _versions() -> dict[str, str]:
-    import numpy
-    import pandas
-    import pyarrow
-    import torch
-
-    import entropy_lens
-
-    return {
-        "python": platform.python_version(),
-        "entropy_lens": getattr(entropy_lens, "__version__", "unknown"),
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "pandas": pandas.__version__,
-        "pyarrow": pyarrow.__version__,
-    }
+from entropy_lens.io.writers import versions  # noqa: E402
 
 
 def _fmt(x: Any) -> str:
@@ -157,7 +141,7 @@ def compare(
         "tokens": str(tokens),
         "methods_requested": methods,
         "overrides": overrides,
-        "versions": _versions(),
+        "versions": versions(),
         **summary,
     }
     _write_atomic(

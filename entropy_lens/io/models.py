@@ -43,10 +43,24 @@ def bundled_gguf_path() -> Path:
     return path
 
 
+def _strip_gguf_flag(config_json: Path) -> None:
+    """Remove ``quantization_config`` (quant_method gguf) that the de-quantised copy inherits from
+    the GGUF load: the weights are plain fp32, and the flag makes ``save_pretrained`` refuse."""
+    import json
+
+    cfg = json.loads(config_json.read_text())
+    if (cfg.get("quantization_config") or {}).get("quant_method") == "gguf":
+        del cfg["quantization_config"]
+        from .writers import atomic_write_bytes
+
+        atomic_write_bytes(config_json, (json.dumps(cfg, indent=2) + "\n").encode())
+
+
 def bundled_model_dir() -> Path:
     """Plain HF folder of the bundled model, converted from GGUF into the cache on first use."""
     target = cache_dir() / BUNDLED_NAME
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        _strip_gguf_flag(target / "config.json")  # caches written before the flag was dropped
         return target
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -61,6 +75,7 @@ def bundled_model_dir() -> Path:
     try:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        _strip_gguf_flag(tmp / "config.json")
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

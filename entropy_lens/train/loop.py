@@ -119,22 +119,7 @@ def load_model_and_task(cfg: TrainConfig, from_checkpoint: Path | None = None):
 
     path = from_checkpoint if from_checkpoint is not None else (None if src == "bundled" else src)
     model, tok = load_model(path, attn_implementation=cfg.model.attn)
-    _drop_stale_gguf_flag(model)
     return model, tok, build_task(cfg, tok)
-
-
-def _drop_stale_gguf_flag(model) -> None:
-    """A folder converted from GGUF holds plain fp32 weights but may keep ``quantization_config:
-    gguf`` in its config.json, which makes ``save_pretrained`` refuse; the weights are not
-    quantized, so the flag is dropped before training (checkpoints are then plain folders)."""
-    q = getattr(model.config, "quantization_config", None)
-    method = getattr(q, "quant_method", None) if q is not None else None
-    if q is not None and str(getattr(method, "value", method)) == "gguf":
-        if any(p.dtype not in (torch.float32, torch.bfloat16, torch.float16) for p in model.parameters()):
-            return  # really quantized: leave it alone
-        model.hf_quantizer = None
-        model.is_quantized = False
-        del model.config.quantization_config
 
 
 # ---------------------------------------------------------------------------------------------
