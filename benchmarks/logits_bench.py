@@ -39,15 +39,13 @@ import statistics
 import subprocess
 import sys
 import time
-import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from entropy_lens.logits import logit_stats
+from entropy_lens.memtrack import LiveTensorBytes, live_peak_bytes  # noqa: F401 (re-exported for tests)
 
 OUTPUTS = ("logp", "entropy", "sum_p2", "sum_p2_logp")
 
@@ -87,47 +85,29 @@ def chunked(logits: torch.Tensor, ids: torch.Tensor, tau: float = 1.0, chunk_row
     return _as_dict(logit_stats(logits, ids, tau, chunk_rows=chunk_rows))
 
 
-def proposed_logit_stats(logits: torch.Tensor, ids: torch.Tensor, tau: float = 1.0, chunk_rows: int | None = None) -> dict[str, torch.Tensor]:
-    """Candidate CPU loop for ``logit_stats`` (same equations, finite input only; a proposal, not
-    library code): two fp32 scratch buffers allocated once and reused by every chunk (no per-chunk
-    allocation / page faults), default chunks of ~2 MiB so a chunk stays in cache between passes,
-    no extra fp32 copy for fp32 input at τ = 1, and in-place products instead of
-    ``torch.linalg.vecdot`` (which materialises the product).
-
-    With y = z − m, e = e^y:  S = Σe,  T = Σ e·y,  R = Σ e²·y,  Q = Σ e².
-    """
+def previous_logit_stats(logits: torch.Tensor, ids: torch.Tensor, tau: float = 1.0, chunk_rows: int | None = None) -> dict[str, torch.Tensor]:
+    """The library's earlier CPU loop, kept as the before/after baseline (finite input only):
+    a fresh fp32 copy per ~32 MiB chunk, ``exp`` into a new tensor and ``torch.linalg.vecdot``
+    (which materialises its product), so ~3 chunks are alive at the peak."""
     n, v = logits.shape
-    rows = max(1, min(n, chunk_rows or (2 << 20) // (4 * max(v, 1))))
-    inv_t = 1.0 / tau
-    y = torch.empty(rows, v, dtype=torch.float32, device=logits.device)
-    e = torch.empty(rows, v, dtype=torch.float32, device=logits.device)
+    rows = chunk_rows or max(1, (32 << 20) // (4 * max(v, 1)))
     out = torch.empty(4, n, dtype=torch.float32, device=logits.device)
     for i in range(0, n, rows):
         j = min(i + rows, n)
-        x, yy, ee = logits[i:j], y[: j - i], e[: j - i]
-        if x.dtype == torch.float32 and inv_t == 1.0:
-            m = x.amax(-1, keepdim=True)
-            torch.sub(x, m, out=yy)
-        else:
-            yy.copy_(x)
-            if inv_t != 1.0:
-                yy.mul_(inv_t)
-            m = yy.amax(-1, keepdim=True)
-            yy.sub_(m)
-        torch.exp(yy, out=ee)
-        s = ee.sum(-1)
-        y_tok = yy.gather(-1, ids[i:j, None]).squeeze(-1)
-        yy.mul_(ee)  # e·y
-        t = yy.sum(-1)
-        yy.mul_(ee)  # e²·y
-        r = yy.sum(-1)
-        ee.mul_(ee)  # e²
-        q = ee.sum(-1)
+        z = logits[i:j].to(torch.float32, copy=True)
+        if tau != 1.0:
+            z.mul_(1.0 / tau)
+        z.sub_(z.amax(dim=-1, keepdim=True))
+        e = torch.exp(z)
+        s = e.sum(-1)
         log_s = torch.log(s)
-        out[0, i:j] = y_tok - log_s
-        out[1, i:j] = log_s - t / s
-        out[2, i:j] = q / (s * s)
-        out[3, i:j] = r / (s * s) - log_s * out[2, i:j]
+        ez = torch.linalg.vecdot(e, z)
+        e.mul_(e)
+        e2, e2z = e.sum(-1), torch.linalg.vecdot(e, z)
+        out[0, i:j] = z.gather(-1, ids[i:j, None]).squeeze(-1) - log_s
+        out[1, i:j] = log_s - ez / s
+        out[2, i:j] = e2 / (s * s)
+        out[3, i:j] = e2z / (s * s) - log_s * out[2, i:j]
     return dict(zip(OUTPUTS, out))
 
 
@@ -195,7 +175,7 @@ METHODS: dict[str, Callable] = {
     "verl_style": verl_style,
     "verl_style_compiled": verl_style_compiled,
     "chunked_logit_stats": chunked,
-    "proposed_eager": proposed_logit_stats,
+    "previous_chunked": previous_logit_stats,
     "proposed_compiled": proposed_compiled,
     "triton_kernel": triton_kernel,
     "logit_stats_auto": auto,
@@ -207,62 +187,6 @@ TWO_OUTPUTS = {"naive_fp32", "naive_128row_chunks", "verl_style", "verl_style_co
 # --------------------------------------------------------------------------------------------
 # measurement helpers
 # --------------------------------------------------------------------------------------------
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Peak bytes of tensor storages created by ATen ops while the mode is active.
-
-    Every op output whose storage is new is counted until the last tensor object viewing it dies;
-    storages that existed before (inputs, in-place targets) are not counted. Allocations inside a
-    single kernel (workspaces) and inside compiled graphs are not seen.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.live: dict[int, list[int]] = {}
-        self.current = 0
-        self.peak = 0
-
-    def _release(self, key: int) -> None:
-        entry = self.live.get(key)
-        if entry is None:
-            return
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.current -= entry[0]
-            del self.live[key]
-
-    def _track(self, t: torch.Tensor, fresh: bool) -> None:
-        st = t.untyped_storage()
-        key, nbytes = st.data_ptr(), st.nbytes()
-        if nbytes == 0:
-            return
-        if key in self.live:
-            self.live[key][1] += 1
-        elif fresh:
-            self.live[key] = [nbytes, 1]
-            self.current += nbytes
-            self.peak = max(self.peak, self.current)
-        else:
-            return
-        weakref.finalize(t, self._release, key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        in_keys = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                self._track(t, fresh=t.untyped_storage().data_ptr() not in in_keys)
-        return out
-
-
-def live_peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak live tensor bytes (see :class:`LiveTensorBytes`) created while running ``fn``."""
-    with LiveTensorBytes() as mode:
-        res = fn()
-        peak = mode.peak
-    del res
-    return peak
 
 
 def _sync(device: str) -> None:
@@ -655,16 +579,15 @@ def run(device: str, quick: bool, smoke: bool = False) -> dict:
 
     methods = [m for m in METHODS if cuda or m not in CUDA_ONLY]
     if cuda:
-        methods = [m for m in methods if not m.startswith("proposed")]
+        methods = [m for m in methods if not m.startswith(("proposed", "previous"))]
     if quick and not smoke:
         methods = [m for m in methods if m != "proposed_compiled"]
     if not cuda and not smoke:
-        # the current chunked path at other chunk sizes and the candidate at other chunk sizes, side by side
-        methods += [(f"chunked_logit_stats chunk_rows={cr}", lambda x, i, t, cr=cr: chunked(x, i, t, chunk_rows=cr)) for cr in (16, 64, 512)]
-        methods += [(f"proposed_eager chunk_rows={cr}", lambda x, i, t, cr=cr: proposed_logit_stats(x, i, t, chunk_rows=cr)) for cr in (32, 170)]
+        # the chunked path at other block sizes (default: ~2 MiB blocks = 10 rows at V = 49,152)
+        methods += [(f"chunked_logit_stats chunk_rows={cr}", lambda x, i, t, cr=cr: chunked(x, i, t, chunk_rows=cr)) for cr in (4, 32, 170)]
     rows += bench_logits(device, n, v, dt, methods, copy_gbs, reps, rss=(not cuda and not smoke))
     if not cuda and not smoke:
-        rows += bench_logits(device, n, v, dt, ["naive_fp32", "chunked_logit_stats", "proposed_eager", "proposed_compiled"],
+        rows += bench_logits(device, n, v, dt, ["naive_fp32", "previous_chunked", "chunked_logit_stats", "proposed_compiled"],
                              copy_gbs, reps, tau=0.7, section="logits τ=0.7")
     if cuda:
         rows += bench_kernel_tune(n, v, dt, copy_gbs, reps, quick)

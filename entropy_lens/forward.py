@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .kernels import logit_stats_auto
-from .logits import default_chunk_rows
+from .logits import DEFAULT_CHUNK_BYTES, SCRATCH_BYTES, default_chunk_rows
 
 
 @dataclass(frozen=True)
@@ -72,12 +72,29 @@ def response_hidden(model, packed: PackedBatch) -> torch.Tensor:
 
 def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """LM-head logits for hidden rows ``[M, D] -> [M, V]`` (applies logit soft-capping if the
-    config defines ``final_logit_softcapping``)."""
+    config defines ``final_logit_softcapping``; in place when autograd is off)."""
     logits = model.get_output_embeddings()(hidden)
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
-        logits = torch.tanh(logits / cap) * cap
+        if torch.is_grad_enabled():
+            logits = torch.tanh(logits / cap) * cap
+        else:
+            logits.div_(cap).tanh_().mul_(cap)
     return logits
+
+
+def head_chunk_rows(vocab: int, head_itemsize: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Rows r of LM-head logits per chunk so that the chunk (``head_itemsize`` bytes per logit)
+    plus the scratch blocks of :func:`entropy_lens.logits.logit_stats` fit in ``chunk_bytes``:
+    one fp32 block of min(r, s) rows when the head is fp32 and the chunk is consumed in place,
+    else two (s = rows of a ~2 MiB block)."""
+    v = max(vocab, 1)
+    k = 1 if head_itemsize == 4 else 2
+    s = default_chunk_rows(v, SCRATCH_BYTES)
+    r = (chunk_bytes - k * s * 4 * v) // (head_itemsize * v)
+    if r < s:  # small budget: the scratch shrinks to the chunk
+        r = chunk_bytes // ((head_itemsize + 4 * k) * v)
+    return max(1, r)
 
 
 def scatter_rows(values: torch.Tensor, mask: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
@@ -94,23 +111,28 @@ def response_stats(
     temperature: float = 1.0,
     micro_batch: int = 8,
     chunk_rows: int | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> dict[str, torch.Tensor]:
     """No-grad per-token ``logp, entropy, sum_p2, sum_p2_logp`` as ``[B, T]`` fp32 (0 on padding).
 
     Sequences go through the decoder ``micro_batch`` at a time; LM-head logits are formed only
-    for one chunk of response rows at a time (``chunk_rows``, default ~32 MiB of fp32 rows).
+    for one chunk of response rows at a time and consumed in place by the statistics pass, so all
+    tensors of vocabulary width alive at once (logits chunk + scratch) take at most
+    ``chunk_bytes`` (default 32 MiB; :func:`head_chunk_rows`) unless ``chunk_rows`` fixes the
+    rows per chunk.
     """
     B, T = packed.mask.shape
     out = {k: torch.zeros(B, T, dtype=torch.float32) for k in ("logp", "entropy", "sum_p2", "sum_p2_logp")}
-    vocab = model.get_output_embeddings().weight.shape[0]
-    rows = chunk_rows or default_chunk_rows(vocab)
+    weight = model.get_output_embeddings().weight
+    vocab = weight.shape[0]
+    rows = chunk_rows or head_chunk_rows(vocab, weight.element_size(), chunk_bytes)
     for i in range(0, B, micro_batch):
         sub = packed.select(slice(i, i + micro_batch))
         h = response_hidden(model, sub)
         ids = sub.response_ids[sub.mask]
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in out}
         for j in range(0, h.shape[0], rows):
-            st = logit_stats_auto(head_logits(model, h[j : j + rows]), ids[j : j + rows], temperature, chunk_rows=rows)
+            st = logit_stats_auto(head_logits(model, h[j : j + rows]), ids[j : j + rows], temperature, consume=True)
             for k in out:
                 parts[k].append(getattr(st, k))
         for k in out:

@@ -1,7 +1,10 @@
 """One pass over logits: log-prob of the sampled token, entropy, Σp², Σp² log p.
 
-The CPU/reference path works on row chunks in fp32 so that at most one chunk of fp32 vocabulary
-rows (plus one same-size scratch buffer) is alive at a time, whatever the input dtype.
+The CPU/reference path works on blocks of rows with two fp32 scratch buffers of one block each
+(default ~2 MiB, so a block stays in cache across its passes), allocated once per call; no other
+tensor of vocabulary width is created. A caller that owns an fp32 logits tensor it no longer needs
+(the LM-head chunk in :mod:`entropy_lens.forward`) passes ``consume=True``: the logits are then
+overwritten in place and only one scratch block is allocated.
 """
 
 from __future__ import annotations
@@ -10,8 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
-#: Default bytes of one fp32 chunk of vocabulary rows (rows = budget // (4·V)).
+#: Budget in bytes for all fp32 vocabulary rows alive at once in a chunked pass (LM-head logits
+#: chunk + scratch blocks); chunk rows = budget // (4·V).
 DEFAULT_CHUNK_BYTES = 32 * 2**20
+#: Bytes of one fp32 scratch block of :func:`logit_stats`.
+SCRATCH_BYTES = 2 * 2**20
+#: Finite stand-in for −inf after the max shift: e^y underflows to exactly 0 and e·y stays finite.
+_NEG_FLOOR = torch.finfo(torch.float32).min / 4
 
 
 @dataclass(frozen=True)
@@ -30,26 +38,38 @@ def default_chunk_rows(vocab: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> in
     return max(1, chunk_bytes // (4 * max(vocab, 1)))
 
 
-def _chunk_stats(z: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Statistics of one fp32 chunk ``z`` [n, V] (already divided by τ; modified in place).
+def _block_stats(x: torch.Tensor, ids: torch.Tensor, inv_t: float, y: torch.Tensor, e: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Statistics of one block of rows ``x`` [n, V] into ``out`` [4, n] (logp, H, Σπ², Σπ² log π).
 
-    With m = max z, e = exp(z − m), S = Σe:  log π_v = z_v − m − log S,
-    H = log S − Σ e(z−m) / S,  Σπ² = Σe² / S²,  Σπ² log π = Σe²(z−m) / S² − log S · Σπ².
+    ``y`` [n, V] fp32 receives z − m (it may be ``x`` itself: fp32, owned, τ = 1 or not), ``e``
+    [n, V] fp32 is scratch; both are overwritten. With z = x/τ, m = max z, y = z − m, e = e^y:
+    S = Σe, T = Σe·y, Q = Σe², R = Σe²·y, and
+    log π_tok = y_tok − log S,  H = log S − T/S,  Σπ² = Q/S²,  Σπ² log π = R/S² − log S · Σπ².
+    −inf logits become a finite floor after the shift (e^y = 0 exactly there); NaN/+inf or an
+    all −inf row propagate NaN into ``out``. Returns the ``[n]`` bool mask of all −inf rows.
     """
-    m = z.amax(dim=-1, keepdim=True)
-    z.sub_(m)  # z <- z − m (≤ 0)
-    e = torch.exp(z)
+    if y is not x:
+        y.copy_(x)
+    if inv_t != 1.0:
+        y.mul_(inv_t)
+    m = y.amax(-1, keepdim=True)
+    y.sub_(m).clamp_(min=_NEG_FLOOR)
+    torch.exp(y, out=e)
     s = e.sum(-1)
+    y_tok = y.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    y.mul_(e)  # e·y
+    t = y.sum(-1)
+    y.mul_(e)  # e²·y
+    r = y.sum(-1)
+    e.mul_(e)  # e²
+    q = e.sum(-1)
     log_s = torch.log(s)
-    ez = torch.linalg.vecdot(e, z)
-    e.mul_(e)  # e <- e²
-    e2 = e.sum(-1)
-    e2z = torch.linalg.vecdot(e, z)
-    entropy = log_s - ez / s
-    sum_p2 = e2 / (s * s)
-    sum_p2_logp = e2z / (s * s) - log_s * sum_p2
-    logp = z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - log_s
-    return logp, entropy, sum_p2, sum_p2_logp
+    s2 = s * s
+    out[0] = y_tok - log_s
+    out[1] = log_s - t / s
+    out[2] = q / s2
+    out[3] = r / s2 - log_s * out[2]
+    return m.squeeze(-1) == float("-inf")
 
 
 def logit_stats(
@@ -57,13 +77,18 @@ def logit_stats(
     token_ids: torch.Tensor,
     temperature: float = 1.0,
     chunk_rows: int | None = None,
+    *,
+    consume: bool = False,
 ) -> LogitStats:
     """Compute :class:`LogitStats` from ``logits`` [N, V] (any float dtype, any row stride).
 
     ``token_ids`` [N] are the sampled tokens; ``temperature`` τ > 0 divides the logits.
-    Reductions run in fp32 per chunk of ``chunk_rows`` rows (default: ~32 MiB per chunk); the chunk
-    size never changes the result beyond fp32 rounding. ``-inf`` logits (masked vocabulary) are
-    allowed; NaN or ``+inf`` raise ``ValueError`` naming the first bad row.
+    Reductions run in fp32 over blocks of ``chunk_rows`` rows (default: ~2 MiB of fp32 per block)
+    using two reused scratch buffers of one block each; the block size never changes the result
+    beyond fp32 rounding. ``consume=True`` allows overwriting ``logits`` when it is fp32 with
+    contiguous rows (no copy; one scratch buffer); its content is undefined afterwards.
+    ``-inf`` logits (masked vocabulary) are allowed; NaN or ``+inf`` raise ``ValueError`` naming
+    the first bad row.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, V], got shape {tuple(logits.shape)}")
@@ -77,35 +102,26 @@ def logit_stats(
         raise ValueError(f"token_ids has {token_ids.numel()} entries for {n} logit rows")
     if n and (int(token_ids.min()) < 0 or int(token_ids.max()) >= v):
         raise ValueError(f"token id out of range [0, {v}): min {int(token_ids.min())}, max {int(token_ids.max())}")
-    rows = chunk_rows or default_chunk_rows(v)
-    outs = [torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(4)]
+    out = torch.empty(4, n, dtype=torch.float32, device=logits.device)
+    if n == 0:
+        return LogitStats(*out)
+    rows = max(1, min(n, chunk_rows or default_chunk_rows(v, SCRATCH_BYTES)))
+    in_place = consume and logits.dtype == torch.float32 and logits.stride(-1) == 1
+    e_buf = torch.empty(rows, v, dtype=torch.float32, device=logits.device)
+    y_buf = None if in_place else torch.empty(rows, v, dtype=torch.float32, device=logits.device)
+    all_ninf = torch.empty(n, dtype=torch.bool, device=logits.device)
     inv_t = 1.0 / float(temperature)
     for i in range(0, n, rows):
         j = min(i + rows, n)
-        z = logits[i:j].to(torch.float32, copy=True)
-        if inv_t != 1.0:
-            z.mul_(inv_t)
-        res = _chunk_stats(z, token_ids[i:j])
-        if not all(bool(torch.isfinite(r).all()) for r in res[1:]) or bool(torch.isnan(res[0]).any()):
-            res = _slow_chunk(logits[i:j], token_ids[i:j], inv_t, offset=i)
-        for o, r in zip(outs, res):
-            o[i:j] = r
-    return LogitStats(*outs)
-
-
-def _slow_chunk(raw: torch.Tensor, ids: torch.Tensor, inv_t: float, offset: int) -> tuple[torch.Tensor, ...]:
-    """Non-finite values in a chunk: reject NaN/+inf, handle −inf (probability 0) exactly."""
-    bad = torch.isnan(raw) | (raw == float("inf"))
+        x = logits[i:j]
+        all_ninf[i:j] = _block_stats(x, token_ids[i:j], inv_t, x if in_place else y_buf[: j - i], e_buf[: j - i], out[:, i:j])
+    bad = ~torch.isfinite(out).all(0) | all_ninf
     if bool(bad.any()):
-        row = int(bad.any(-1).nonzero()[0]) + offset
-        raise ValueError(f"non-finite logit (NaN or +inf) in row {row}")
-    if bool((raw == float("-inf")).all(-1).any()):
-        row = int((raw == float("-inf")).all(-1).nonzero()[0]) + offset
-        raise ValueError(f"every logit of row {row} is -inf")
-    z = raw.to(torch.float32, copy=True).mul_(inv_t)
-    finite_min = torch.finfo(torch.float32).min / 4
-    z.clamp_(min=finite_min)  # exp underflows to exactly 0 there, and e·z stays finite (0)
-    return _chunk_stats(z, ids)
+        row = int(bad.nonzero()[0])
+        if bool(all_ninf[row]):
+            raise ValueError(f"every logit of row {row} is -inf")
+        raise ValueError(f"non-finite logit (NaN or +inf, after dividing by the temperature) in row {row}")
+    return LogitStats(*out)
 
 
 def logit_stats_reference(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0) -> LogitStats:

@@ -40,3 +40,34 @@ def test_differentiable_path_matches_no_grad_path(tiny_model):
     assert logp.requires_grad
     assert torch.allclose(logp.detach(), ref["logp"], atol=1e-5)
     assert torch.allclose(ent.detach(), ref["entropy"], atol=1e-5)
+
+
+def test_vocabulary_width_memory_stays_within_one_chunk():
+    """All tensors of vocabulary width alive at once (LM-head chunk + scratch) fit in chunk_bytes,
+    over many chunks, while a plain forward + log_softmax holds the whole [B, S, V] several times."""
+    from conftest import make_model
+
+    from entropy_lens.memtrack import live_peak_bytes
+
+    v = 4096
+    model = make_model(vocab=v)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(7, v, (5,), generator=g).tolist() for _ in range(4)]
+    responses = [torch.randint(7, v, (40,), generator=g).tolist() for _ in range(4)]
+    packed = pack(prompts, responses, pad_id=0)
+    budget = 40 * 4 * v  # 40 fp32 rows; 160 response rows -> several chunks
+    wide = lambda t: t.dim() >= 1 and t.shape[-1] == v  # noqa: E731
+    ours = live_peak_bytes(lambda: response_stats(model, packed, micro_batch=4, chunk_bytes=budget), wide)
+
+    def naive():
+        with torch.no_grad():
+            logq = torch.log_softmax(model(input_ids=packed.input_ids, attention_mask=packed.attention_mask).logits.float(), -1)
+            return -(logq.exp() * logq).sum(-1)
+
+    full = live_peak_bytes(naive, wide)
+    assert 0 < ours <= budget
+    assert full >= 2 * 4 * 45 * v * 4  # logits + log_softmax of all 4 × 45 positions
+    ref = response_stats(model, packed, micro_batch=1, chunk_rows=1000)
+    got = response_stats(model, packed, micro_batch=4, chunk_bytes=budget)
+    for k in ref:
+        assert torch.allclose(got[k], ref[k], atol=1e-5), k

@@ -80,3 +80,35 @@ def test_properties_bounds_chunk_and_padding_invariance(n, v, scale, chunk, seed
     p_out = logit_stats(padded, pids, chunk_rows=chunk)
     for name in ("logp", "entropy", "sum_p2", "sum_p2_logp"):
         assert torch.allclose(getattr(p_out, name)[pad:pad + n], getattr(out, name), atol=1e-5, rtol=1e-5)
+
+
+def test_consume_overwrites_only_when_allowed_and_gives_the_same_numbers():
+    x = torch.randn(37, 300) * 3
+    ids = torch.randint(0, 300, (37,))
+    keep = x.clone()
+    a = logit_stats(x, ids, 0.7, chunk_rows=5)
+    assert torch.equal(x, keep)  # consume=False never writes the input
+    b = logit_stats(x, ids, 0.7, chunk_rows=5, consume=True)
+    assert not torch.equal(x, keep)  # fp32 contiguous + consume: overwritten in place
+    for k in ("logp", "entropy", "sum_p2", "sum_p2_logp"):
+        assert torch.allclose(getattr(a, k), getattr(b, k), atol=1e-6), k
+    h = keep.to(torch.bfloat16)
+    hk = h.clone()
+    logit_stats(h, ids, consume=True)
+    assert torch.equal(h, hk)  # not fp32: copied into scratch, input untouched
+
+
+def test_consume_handles_masked_vocabulary_and_rejects_bad_rows():
+    logits = torch.randn(6, 50)
+    logits[:, 10:] = float("-inf")
+    ids = torch.randint(0, 10, (6,))
+    ref = logit_stats_reference(logits[:, :10], ids)
+    _close(logit_stats(logits.clone(), ids, chunk_rows=4, consume=True), ref)
+    all_masked = logits.clone()
+    all_masked[4] = float("-inf")
+    with pytest.raises(ValueError, match="every logit of row 4 is -inf"):
+        logit_stats(all_masked, ids, chunk_rows=4, consume=True)
+    nan_row = logits.clone()
+    nan_row[5, 2] = float("nan")
+    with pytest.raises(ValueError, match="row 5"):
+        logit_stats(nan_row, ids, chunk_rows=4, consume=True)

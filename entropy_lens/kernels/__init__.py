@@ -38,20 +38,23 @@ def logit_stats_auto(
     token_ids: torch.Tensor,
     temperature: float = 1.0,
     chunk_rows: int | None = None,
+    *,
+    consume: bool = False,
 ) -> LogitStats:
     """:class:`LogitStats` (each ``[N]`` fp32, nats) of ``logits`` [N, V] at temperature τ.
 
     CUDA logits with Triton importable: the one-pass kernel
     :func:`entropy_lens.kernels.triton_logits.logit_stats_triton` (``chunk_rows`` is ignored there:
     the kernel keeps no [chunk, V] buffer). Otherwise :func:`entropy_lens.logits.logit_stats` with
-    ``chunk_rows``. Same contract on both paths: same outputs up to fp32 rounding, and the same
+    ``chunk_rows`` and ``consume`` (the logits may be overwritten; the kernel never writes them).
+    Same contract on both paths: same outputs up to fp32 rounding, and the same
     ``ValueError`` for bad input (the kernel re-runs the torch path when its output is non-finite).
     """
     if _use_triton(logits):
         from .triton_logits import logit_stats_triton
 
         return logit_stats_triton(logits, token_ids, temperature)
-    return logit_stats(logits, token_ids, temperature, chunk_rows=chunk_rows)
+    return logit_stats(logits, token_ids, temperature, chunk_rows=chunk_rows, consume=consume)
 
 
 def fused_logit_stats(
