@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -32,7 +31,9 @@ class RateColumn(ProgressColumn):
 
     def render(self, task) -> Text:
         speed = task.finished_speed or task.speed
-        return Text("" if speed is None else f"{speed:,.0f}/s", style="cyan")
+        if speed is None:
+            return Text("")
+        return Text(f"{speed:,.0f}/s" if speed >= 10 else f"{speed:.2g}/s", style="cyan")
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError)
@@ -57,15 +58,20 @@ def user_errors() -> Iterator[None]:
 
 @contextmanager
 def stage_progress(stages: dict[str, int]) -> Iterator:
-    """Rich progress bars, one per stage; yields ``advance(stage, n)``."""
+    """Rich progress bars, one per stage (its clock starts at its first advance); yields
+    ``advance(stage, n)``."""
     with Progress(
         TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeElapsedColumn(),
         console=err_console, transient=False,
     ) as prog:
-        tasks = {name: prog.add_task(name, total=total) for name, total in stages.items()}
+        tasks = {name: prog.add_task(name, total=total, start=False) for name, total in stages.items()}
+        started: set[str] = set()
 
         def advance(stage: str, n: int) -> None:
             if stage in tasks:
+                if stage not in started:
+                    prog.start_task(tasks[stage])
+                    started.add(stage)
                 prog.advance(tasks[stage], n)
 
         yield advance

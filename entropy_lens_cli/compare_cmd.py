@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -71,7 +70,7 @@ def _write_atomic(out: Path, files: dict[str, Any]) -> None:
     tmps: dict[str, str] = {}
     try:
         for name, writer in files.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out)
+            fd, tmp = temp_file(out, prefix=f".{name}.", suffix=".tmp")
             os.close(fd)
             tmps[name] = tmp
             writer(tmp)
@@ -83,7 +82,7 @@ def _write_atomic(out: Path, files: dict[str, Any]) -> None:
                 os.remove(tmp)
 
 
-from entropy_lens.io.writers import versions  # noqa: E402
+from entropy_lens.io.writers import temp_file, versions  # noqa: E402
 
 
 def _fmt(x: Any) -> str:

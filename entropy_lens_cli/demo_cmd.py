@@ -51,7 +51,7 @@ def demo(
             atomic_write_parquet(rollouts_path, demo_batch(fresh, ro.read_table(default_rollouts())))
         rollouts = ro.load_rollouts(rollouts_path)
         console.print(f"   batch: {len(rollouts)} responses = the fresh samples + the {int(rollouts['source'].eq('shipped').sum())} "
-                      "shipped rollouts of the same model (so that some groups have mixed rewards)")
+                      "shipped rollouts of the same model (so that some groups have mixed rewards)", soft_wrap=True)
 
         a_set = AnalyzeSettings(lr=lr)
         n_tok = int(sum(len(r) for r in rollouts["response_ids"]))
@@ -82,7 +82,7 @@ def demo(
         "validate/compare/           per-method weights and predicted ΔH (compare.parquet, summary.json)",
         *made,
     ]:
-        console.print(f"  {line}")
+        console.print(f"  {line}", soft_wrap=True)
 
 
 def demo_batch(fresh, shipped):
@@ -96,12 +96,16 @@ def demo_batch(fresh, shipped):
     return pd.concat([a, b], ignore_index=True)
 
 
+#: The figures a one-batch validate run supports (the step-series figures need a training run).
+DEMO_FIGURES = ("dh_scatter", "dh_vs_prob", "quadrants", "compare_dh", "weight_dist", "steer_weight_omega", "factor_matrix")
+
+
 def render_outputs(out: Path) -> list[str]:
     """Figures (PNG + CSV) and the HTML report of the validate run."""
     from entropy_lens_cli.plot_cmd import plot
     from entropy_lens_cli.report_cmd import report
 
-    plot(runs=[out / "validate"], out=out / "figures", figure=None, dpi=130)
+    plot(runs=[out / "validate"], out=out / "figures", figure=list(DEMO_FIGURES), dpi=130)
     report(run=out / "validate", out=out / "report.html", max_responses=12, max_tokens=400, seed=0, figures=True, dpi=100)
     return [
         "figures/                    paper-style figures (PNG) and the numbers behind each (CSV)",

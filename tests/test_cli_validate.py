@@ -1,7 +1,6 @@
 import json
 
 import pandas as pd
-import pytest
 from typer.testing import CliRunner
 
 from entropy_lens_cli.app import app
@@ -88,7 +87,6 @@ def test_folder_without_weights_and_pickle_opt_in(tmp_path, tiny_model_dir):
 
 
 def test_non_finite_logit_is_a_clear_error(tmp_path, tiny_model_dir):
-    import torch
     from safetensors.torch import load_file, save_file
     import shutil
 

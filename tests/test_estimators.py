@@ -1,6 +1,5 @@
 """Finite-difference golden tests of the closed-form ΔH estimators on a tabular softmax policy."""
 
-import math
 
 import numpy as np
 import pytest

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 BUNDLED_NAME = "smollm2-135m-instruct"
@@ -70,8 +69,10 @@ def bundled_model_dir() -> Path:
     q = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     plain = AutoModelForCausalLM.from_config(q.config, dtype=torch.float32)
     plain.load_state_dict(q.state_dict())
+    from .writers import temp_dir
+
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{BUNDLED_NAME}.", dir=target.parent))
+    tmp = temp_dir(target.parent, prefix=f".{BUNDLED_NAME}.")
     try:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)

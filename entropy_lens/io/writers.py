@@ -33,11 +33,32 @@ def _clean(o: Any) -> Any:
     return o
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def temp_file(folder: str | Path, prefix: str, suffix: str = "") -> tuple[int, str]:
+    """``tempfile.mkstemp`` in ``folder`` with the permissions a plain ``open`` would give
+    (0666 minus the umask, not mkstemp's 0600), so the renamed result looks like any other file."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    os.chmod(tmp, 0o666 & ~_umask())
+    return fd, tmp
+
+
+def temp_dir(folder: str | Path, prefix: str) -> Path:
+    """``tempfile.mkdtemp`` in ``folder`` with ``mkdir``'s permissions (0777 minus the umask)."""
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=folder)
+    os.chmod(tmp, 0o777 & ~_umask())
+    return Path(tmp)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = temp_file(path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -62,7 +83,7 @@ def atomic_write_parquet(path: str | Path, frame: pd.DataFrame) -> None:
     """Parquet via pyarrow, written to a temporary file and renamed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = temp_file(path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
         frame.to_parquet(tmp, index=False)

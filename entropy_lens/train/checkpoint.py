@@ -21,7 +21,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..io.writers import atomic_write_json
+from ..io.writers import atomic_write_json, temp_dir
 
 CKPT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d{6,})$")
@@ -99,7 +98,7 @@ def save_checkpoint(
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    tmp = temp_dir(root, prefix=f".{final.name}.")
     try:
         with _quiet_hf():
             model.save_pretrained(tmp, safe_serialization=True)

@@ -36,7 +36,7 @@ import torch
 from .. import estimators as est
 from ..advantages import broadcast_to_tokens, compute_advantages
 from ..forward import PackedBatch, pack, response_logp_entropy, response_stats
-from ..io.writers import atomic_write_json, atomic_write_parquet, atomic_write_yaml, versions
+from ..io.writers import atomic_write_json, atomic_write_parquet, atomic_write_yaml, temp_dir, versions
 from ..measure import make_optimizer, snapshot, trainable_params
 from ..methods import MethodTerms, apply_method, make_context, method_loss, params_from_dict
 from ..tokens import TokenBatch
@@ -257,10 +257,8 @@ def warm_start(model, task, cfg: TrainConfig, gen: torch.Generator, progress: Pr
     if cfg.log.eval_every:
         info["eval_accuracy_step0"] = eval_accuracy(model, task, cfg.rollout.gen_batch)
     if cache is not None:
-        import tempfile
-
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
+        tmp = temp_dir(cache.parent, prefix=f".{cache.name}.")
         st_save(model, str(tmp / "model.safetensors"))
         atomic_write_json(tmp / "info.json", info)
         try:
