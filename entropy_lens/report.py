@@ -290,7 +290,7 @@ def _summary_html(tokens: pd.DataFrame, summary: dict | None, lr: float | None, 
             else None,
         ),
         ("mean token entropy (nats)", float(tokens["entropy"].mean())),
-        ("clip-active share", float(tokens["clip_active"].mean()) if "clip_active" in tokens else None),
+        ("unclipped share (I_clip = 1: gradient flows)", float(tokens["clip_active"].mean()) if "clip_active" in tokens else None),
         ("re-tokenised text", s.get("retokenized")),
     ]
     parts = [_table(("quantity", "value"), [r for r in run_rows if r[1] is not None], "run")]

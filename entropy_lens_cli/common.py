@@ -8,6 +8,7 @@ from typing import Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
@@ -37,11 +38,14 @@ class RateColumn(ProgressColumn):
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError)
+#: Exit codes: bad input or usage; a training run that diverged (NaN loss).
+EXIT_USAGE = 2
+EXIT_DIVERGED = 3
 
 
-def fail(message: str, code: int = 2) -> None:
-    """Print one line on stderr and exit with ``code``."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+def fail(message: str, code: int = EXIT_USAGE) -> None:
+    """Print ``message`` as one line on stderr (whitespace collapsed, no markup) and exit with ``code``."""
+    err_console.print(f"[bold red]error:[/] {escape(' '.join(str(message).split()))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -17,17 +17,10 @@ from rich.table import Table
 
 from entropy_lens.compare import COMPARE_ESTIMATORS, compare_methods, validate_tokens_frame
 from entropy_lens.methods import get_method, list_methods, params_from_dict, params_table
+from entropy_lens_cli.common import EXIT_USAGE, fail
 
 #: Exit code for a user error (unknown method / parameter, bad value, missing or malformed input
 #: file), as for the other commands of the app.
-EXIT_USAGE = 2
-EXIT_INPUT = 2
-
-
-def _fail(message: str, code: int) -> None:
-    """One line on stderr, then exit with ``code``."""
-    typer.echo("error: " + " ".join(str(message).split()), err=True)
-    raise typer.Exit(code)
 
 
 def parse_value(text: str) -> Any:
@@ -116,21 +109,21 @@ def compare(
             raise ValueError("a method is listed more than once")
         overrides = parse_overrides(list(set_ or []), methods)
     except ValueError as e:
-        _fail(str(e), EXIT_USAGE)
+        fail(str(e), EXIT_USAGE)
 
     if not tokens.is_file():
-        _fail(f"{tokens}: no such file", EXIT_INPUT)
+        fail(f"{tokens}: no such file", EXIT_USAGE)
     try:
         import pandas as pd
 
         df = pd.read_parquet(tokens)
     except Exception as e:  # noqa: BLE001 - any reader failure is one line for the user
-        _fail(f"{tokens}: cannot read parquet ({type(e).__name__}: {e})", EXIT_INPUT)
+        fail(f"{tokens}: cannot read parquet ({type(e).__name__}: {e})", EXIT_USAGE)
     try:
         validate_tokens_frame(df)
         long_df, summary = compare_methods(df, methods, overrides, lr=lr, seed=seed)
     except ValueError as e:
-        _fail(f"{tokens}: {e}", EXIT_INPUT)
+        fail(f"{tokens}: {e}", EXIT_USAGE)
 
     if measure:
         long_df, summary = _measure(long_df, summary, df, methods, overrides, lr, seed, model, rollouts, optimizer)

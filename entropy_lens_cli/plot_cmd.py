@@ -11,12 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-EXIT_INPUT = 2
-
-
-def _fail(message: str) -> None:
-    typer.echo("error: " + " ".join(str(message).split()), err=True)
-    raise typer.Exit(EXIT_INPUT)
+from entropy_lens_cli.common import fail
 
 
 def plot(
@@ -34,20 +29,20 @@ def plot(
     from entropy_lens import plots
 
     if dpi < 30 or dpi > 600:
-        _fail(f"--dpi must be in [30, 600], got {dpi}")
+        fail(f"--dpi must be in [30, 600], got {dpi}")
     try:
         loaded = [plots.load_run(p) for p in runs]
         built, notes = plots.build_plots(loaded, figure)
     except (ValueError, OSError) as exc:
-        _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     # the factor matrix comes from the registry, not the runs: it alone counts only when asked for
     made_from_runs = [p for p in built if p.name != "factor_matrix" or (figure and "factor_matrix" in figure)]
     if not made_from_runs:
-        _fail(f"nothing to plot from {', '.join(map(str, runs))}: {'; '.join(notes)}")
+        fail(f"nothing to plot from {', '.join(map(str, runs))}: {'; '.join(notes)}")
     try:
         written = plots.save_plots(built, out, dpi=dpi)
     except OSError as exc:
-        _fail(f"{out}: cannot write ({exc.strerror or exc})")
+        fail(f"{out}: cannot write ({exc.strerror or exc})")
     for r in loaded:
         for n in r.notes:
             typer.echo(f"note: {n}")

@@ -12,12 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-EXIT_INPUT = 2
-
-
-def _fail(message: str) -> None:
-    typer.echo("error: " + " ".join(str(message).split()), err=True)
-    raise typer.Exit(EXIT_INPUT)
+from entropy_lens_cli.common import fail
 
 
 def report(
@@ -37,9 +32,9 @@ def report(
     from entropy_lens.report import build_report
 
     if max_responses < 1 or max_tokens < 1:
-        _fail("--max-responses and --max-tokens must be >= 1")
+        fail("--max-responses and --max-tokens must be >= 1")
     if dpi < 30 or dpi > 300:
-        _fail(f"--dpi must be in [30, 300], got {dpi}")
+        fail(f"--dpi must be in [30, 300], got {dpi}")
     try:
         r = plots.load_run(run)
         if r.tokens is None:
@@ -66,12 +61,12 @@ def report(
         except ValueError as exc:
             raise ValueError(f"{run / 'tokens.parquet'}: {exc}") from exc
     except (ValueError, OSError) as exc:
-        _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     target = out if out is not None else run / "report.html"
     try:
         atomic_write_bytes(target, html.encode("utf-8"))
     except OSError as exc:
-        _fail(f"{target}: cannot write ({exc.strerror or exc})")
+        fail(f"{target}: cannot write ({exc.strerror or exc})")
     typer.echo(f"wrote {target} ({len(html.encode('utf-8')) / 1024:.0f} KiB, {len(figs)} figures)")
 
 

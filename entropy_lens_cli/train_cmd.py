@@ -18,16 +18,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-EXIT_USAGE = 2
-EXIT_DIVERGED = 3
+from entropy_lens_cli.common import EXIT_DIVERGED, fail
+
 
 err_console = Console(stderr=True)
-
-
-def _fail(message: str, code: int = EXIT_USAGE) -> None:
-    """One line on stderr, then exit with ``code``."""
-    typer.echo("error: " + " ".join(str(message).split()), err=True)
-    raise typer.Exit(code)
 
 
 def resolve_run_config(
@@ -68,7 +62,7 @@ def train(
     try:
         cfg, overrides = resolve_run_config(preset, method, list(set_ or []), seed, steps, out, resume)
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
     with Progress(
         TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -93,10 +87,10 @@ def train(
             summary = run_training(cfg, out, resume=resume, set_items=overrides, progress=progress)
         except TrainingDiverged as exc:
             prog.stop()
-            _fail(str(exc), EXIT_DIVERGED)
+            fail(str(exc), EXIT_DIVERGED)
         except ValueError as exc:
             prog.stop()
-            _fail(str(exc))
+            fail(str(exc))
 
     console = Console()
     t = Table(title=f"{cfg.preset} · {cfg.method} · seed {cfg.seed}")
