@@ -583,8 +583,8 @@ def run(device: str, quick: bool, smoke: bool = False) -> dict:
     if quick and not smoke:
         methods = [m for m in methods if m != "proposed_compiled"]
     if not cuda and not smoke:
-        # the chunked path at other block sizes (default: ~2 MiB blocks = 10 rows at V = 49,152)
-        methods += [(f"chunked_logit_stats chunk_rows={cr}", lambda x, i, t, cr=cr: chunked(x, i, t, chunk_rows=cr)) for cr in (4, 32, 170)]
+        # the chunked path at other block sizes (default: ~4 MiB blocks = 21 rows at V = 49,152)
+        methods += [(f"chunked_logit_stats chunk_rows={cr}", lambda x, i, t, cr=cr: chunked(x, i, t, chunk_rows=cr)) for cr in (5, 10, 48, 170)]
     rows += bench_logits(device, n, v, dt, methods, copy_gbs, reps, rss=(not cuda and not smoke))
     if not cuda and not smoke:
         rows += bench_logits(device, n, v, dt, ["naive_fp32", "previous_chunked", "chunked_logit_stats", "proposed_compiled"],

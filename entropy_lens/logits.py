@@ -1,7 +1,7 @@
 """One pass over logits: log-prob of the sampled token, entropy, Σp², Σp² log p.
 
 The CPU/reference path works on blocks of rows with two fp32 scratch buffers of one block each
-(default ~2 MiB, so a block stays in cache across its passes), allocated once per call; no other
+(default ~4 MiB, so a block stays in cache across its passes), allocated once per call; no other
 tensor of vocabulary width is created. A caller that owns an fp32 logits tensor it no longer needs
 (the LM-head chunk in :mod:`entropy_lens.forward`) passes ``consume=True``: the logits are then
 overwritten in place and only one scratch block is allocated.
@@ -17,7 +17,7 @@ import torch
 #: chunk + scratch blocks); chunk rows = budget // (4·V).
 DEFAULT_CHUNK_BYTES = 32 * 2**20
 #: Bytes of one fp32 scratch block of :func:`logit_stats`.
-SCRATCH_BYTES = 2 * 2**20
+SCRATCH_BYTES = 4 * 2**20
 #: Finite stand-in for −inf after the max shift: e^y underflows to exactly 0 and e·y stays finite.
 _NEG_FLOOR = torch.finfo(torch.float32).min / 4
 
@@ -83,7 +83,7 @@ def logit_stats(
     """Compute :class:`LogitStats` from ``logits`` [N, V] (any float dtype, any row stride).
 
     ``token_ids`` [N] are the sampled tokens; ``temperature`` τ > 0 divides the logits.
-    Reductions run in fp32 over blocks of ``chunk_rows`` rows (default: ~2 MiB of fp32 per block)
+    Reductions run in fp32 over blocks of ``chunk_rows`` rows (default: ~4 MiB of fp32 per block)
     using two reused scratch buffers of one block each; the block size never changes the result
     beyond fp32 rounding. ``consume=True`` allows overwriting ``logits`` when it is fp32 with
     contiguous rows (no copy; one scratch buffer); its content is undefined afterwards.

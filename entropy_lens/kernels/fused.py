@@ -54,7 +54,7 @@ def fused_logit_stats_torch(
 ) -> LogitStats:
     """Chunked torch path: for each chunk of ``chunk_rows`` rows (default ~128 MiB of fp32 logits:
     larger GEMMs run faster), logits = hidden·weightᵀ in fp32, then
-    :func:`entropy_lens.logits.logit_stats` in place (one ~2 MiB scratch block). One ``[chunk, V]`` fp32
+    :func:`entropy_lens.logits.logit_stats` in place (one ~4 MiB scratch block). One ``[chunk, V]`` fp32
     block is alive at a time (plus an fp32 copy of ``weight`` when it is not fp32)."""
     ids = _check_fused_args(hidden, weight, token_ids, temperature)
     n, v = hidden.shape[0], weight.shape[0]
