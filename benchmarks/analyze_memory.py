@@ -42,18 +42,12 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.logits_bench import _proc_status_kb as _status_kb
+
 MODES = ("load", "naive", "entropy_lens", "analyze")
 LABELS = {"load": "load only", "naive": "naive forward + full log_softmax", "entropy_lens": "entropy_lens forward",
           "analyze": "entropy-lens analyze (whole command)"}
 PROMPT_LEN = 64
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _inputs(tok_vocab: int, batch: int, seq_len: int, seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:

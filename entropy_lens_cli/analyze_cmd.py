@@ -24,9 +24,11 @@ def analyze(
     shard_size: int = typer.Option(64, "--shard-size", help="Sequences per resumable shard."),
     micro_batch: int = typer.Option(4, "--micro-batch"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="Write the figures the run supports into OUT/figures."),
     out: Path = typer.Option(..., "--out", "-o"),
 ) -> None:
-    """Per-token statistics, estimators and quadrants of a checkpoint on rollouts (resumable)."""
+    """Per-token statistics, estimators and quadrants of a checkpoint on rollouts (resumable);
+    tokens.parquet, summary.json and figures/ (PNG + CSV) in OUT."""
     from entropy_lens.analyze import AnalyzeSettings, check_same_vocab, run_analyze
     from entropy_lens.io import rollouts as ro
     from entropy_lens.io.models import load_model
@@ -66,6 +68,20 @@ def analyze(
                                          "rollouts": str(src), **summary["settings"]})
     print_analysis(summary)
     console.print(f"wrote {out}/tokens.parquet, {out}/summary.json")
+    if figures:
+        with user_errors():
+            names = write_run_figures(out)
+        console.print(f"wrote {len(names)} figures (PNG + CSV) to {out}/figures: {', '.join(names)}")
+
+
+def write_run_figures(run: Path, dpi: int = 130) -> list[str]:
+    """Every token-level figure one run folder supports, into ``run/figures``; their names."""
+    from entropy_lens import plots
+
+    built, _ = plots.build_plots([plots.load_run(run)])
+    built = [p for p in built if p.name != "factor_matrix"]  # from the registry, not the run
+    plots.save_plots(built, run / "figures", dpi=dpi)
+    return [p.name for p in built]
 
 
 def estimate_tokens(frame, tokenizer) -> int:

@@ -27,6 +27,8 @@ def test_analyze_writes_tokens_and_summary(tmp_path, tiny_model_dir):
     assert abs(sum(q["token_share"] for q in s["quadrants"].values()) - 1) < 1e-9
     assert len(s["top_tokens_by_abs_omega"]) == 20 and s["entropy_by_position"]
     assert "estimators" not in s  # no second checkpoint: nothing measured
+    figs = sorted(p.name for p in (out / "figures").iterdir())
+    assert "quadrants.png" in figs and "quadrants.csv" in figs and "dh_scatter.png" not in figs  # nothing measured
 
 
 def test_interrupted_run_resumes_without_recomputing(tmp_path, tiny_model_dir, monkeypatch):
@@ -82,6 +84,7 @@ def test_next_model_measures_change_and_scores(tmp_path, tiny_model_dir):
     assert "dh_measured" in df.columns and df["dh_measured"].abs().max() > 0
     s = json.loads((out / "summary.json").read_text())
     assert set(s["estimators"]) == {"omega_paper", "omega_code", "dh_all_logit", "dh_cov"}
+    assert (out / "figures" / "dh_scatter.png").is_file()  # measured change between checkpoints
 
 
 def test_next_model_with_other_vocabulary_is_refused(tmp_path, tiny_model_dir):
