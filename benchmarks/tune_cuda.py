@@ -1,4 +1,4 @@
-"""Kernel tuning on CUDA only: copy bandwidth, then every (variant, block_v, block_r, num_warps) of
+"""Kernel tuning on CUDA only: copy bandwidth, then every (block_v, block_r, num_warps) of
 the one-pass Triton kernel on 8192 × 151,936 bf16 logits (the ``kernel-tune`` section of
 ``benchmarks.logits_bench`` with the full grid, without the other sections).
 

@@ -42,12 +42,9 @@ _Y_MIN = tl.constexpr(-1.0e4)
 
 #: Default tile sizes (vocabulary columns per tile, rows per program, warps). The benchmark
 #: ``python -m benchmarks.logits_bench`` sweeps alternatives and prints the best on the device.
-DEFAULT_BLOCK_V = 4096
+DEFAULT_BLOCK_V = 8192
 DEFAULT_BLOCK_R = 1
-DEFAULT_NUM_WARPS = 8
-#: Kernel variants of :func:`logit_stats_triton` and the default one.
-VARIANTS = ("tile", "lanes")
-DEFAULT_VARIANT = "tile"
+DEFAULT_NUM_WARPS = 4
 
 
 @triton.jit
@@ -121,72 +118,6 @@ def _logit_stats_kernel(
         tl.store(p + 2 * stride_c, t, mask=row_ok)
         tl.store(p + 3 * stride_c, q, mask=row_ok)
         tl.store(p + 4 * stride_c, r, mask=row_ok)
-
-
-@triton.jit
-def _logit_stats_lanes_kernel(
-    x_ptr, ids_ptr, out_ptr, part_ptr,
-    n_rows, n_cols, stride_row, stride_col, inv_t, tiles_per_split,
-    SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    """Same contract as :func:`_logit_stats_kernel`, with per-lane accumulators: S, T, Q, R are
-    [BLOCK_R, BLOCK_V] vectors rescaled element-wise when the row maximum rises, and reduced across
-    lanes once after the last tile, so each tile costs one cross-lane reduction (its maximum)
-    instead of five."""
-    pid_r = tl.program_id(0)
-    split = tl.program_id(1)
-    rows = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    row_ok = rows < n_rows
-    row_ptr = x_ptr + rows * stride_row
-    offs = tl.arange(0, BLOCK_V)
-    m = tl.full([BLOCK_R], _M_INIT, tl.float32)
-    s = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)
-    t = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)
-    q = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)
-    r = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)
-    col0 = split * tiles_per_split * BLOCK_V
-    for k in range(0, tiles_per_split):
-        cols = col0 + k * BLOCK_V + offs
-        ok = row_ok[:, None] & (cols < n_cols)[None, :]
-        x = tl.load(row_ptr[:, None] + cols[None, :].to(tl.int64) * stride_col, mask=ok,
-                    other=float("-inf"), eviction_policy="evict_first").to(tl.float32) * inv_t
-        m_new = tl.maximum(m, tl.max(x, 1))
-        d = m - m_new
-        a = tl.exp(d)[:, None]
-        ad = a * d[:, None]
-        t = a * t + ad * s
-        r = a * a * r + a * ad * q
-        s = a * s
-        q = a * a * q
-        y = tl.maximum(x - m_new[:, None], _Y_MIN, propagate_nan=tl.PropagateNan.ALL)
-        e = tl.exp(y)
-        ye = y * e
-        s += e
-        t += ye
-        q += e * e
-        r += ye * e
-        m = m_new
-    s1 = tl.sum(s, 1)
-    t1 = tl.sum(t, 1)
-    q1 = tl.sum(q, 1)
-    r1 = tl.sum(r, 1)
-    if SPLITS == 1:
-        tok = tl.load(ids_ptr + rows, mask=row_ok, other=0)
-        valid = (tok >= 0) & (tok < n_cols)
-        z_tok = tl.load(row_ptr + tl.where(valid, tok, 0) * stride_col, mask=row_ok, other=0.0)
-        logp, ent, p2, p2lp = _finish(m, s1, t1, q1, r1, z_tok.to(tl.float32) * inv_t, valid)
-        tl.store(out_ptr + rows, logp, mask=row_ok)
-        tl.store(out_ptr + n_rows + rows, ent, mask=row_ok)
-        tl.store(out_ptr + 2 * n_rows + rows, p2, mask=row_ok)
-        tl.store(out_ptr + 3 * n_rows + rows, p2lp, mask=row_ok)
-    else:
-        stride_c = n_rows * SPLITS
-        p = part_ptr + rows * SPLITS + split
-        tl.store(p, m, mask=row_ok)
-        tl.store(p + stride_c, s1, mask=row_ok)
-        tl.store(p + 2 * stride_c, t1, mask=row_ok)
-        tl.store(p + 3 * stride_c, q1, mask=row_ok)
-        tl.store(p + 4 * stride_c, r1, mask=row_ok)
 
 
 @triton.jit
@@ -284,15 +215,13 @@ def logit_stats_triton(
     block_r: int | None = None,
     num_warps: int | None = None,
     splits: int | None = None,
-    variant: str | None = None,
     check: bool = True,
 ) -> LogitStats:
     """:class:`LogitStats` (each ``[N]`` fp32, nats) of ``logits`` [N, V] at temperature τ, one read per logit.
 
     ``token_ids`` [N] are the sampled tokens. ``block_v`` (power of 2), ``block_r`` rows per
-    program, ``num_warps``, ``splits`` (vocabulary splits per row) and ``variant`` (``"tile"``:
-    five cross-lane reductions per tile; ``"lanes"``: per-lane accumulators, one reduction per
-    tile) are tuning knobs; ``None`` picks the defaults. With ``check`` (default) one device sync tests the outputs for non-finite
+    program, ``num_warps`` and ``splits`` (vocabulary splits per row) are tuning knobs; ``None``
+    picks the defaults. With ``check`` (default) one device sync tests the outputs for non-finite
     values and, if any, re-runs :func:`entropy_lens.logits.logit_stats` so that bad input raises the
     same one-line ``ValueError`` (NaN/+inf logit, all ``-inf`` row, token id out of range).
     Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
@@ -304,10 +233,6 @@ def logit_stats_triton(
         return LogitStats(*out)
     if v == 0:
         raise ValueError("logits have an empty vocabulary (V = 0)")
-    var = variant or DEFAULT_VARIANT
-    if var not in VARIANTS:
-        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {var!r}")
-    kernel = _logit_stats_kernel if var == "tile" else _logit_stats_lanes_kernel
     bv = block_v or min(DEFAULT_BLOCK_V, triton.next_power_of_2(v))
     br = block_r or DEFAULT_BLOCK_R
     nw = num_warps or DEFAULT_NUM_WARPS
@@ -318,7 +243,7 @@ def logit_stats_triton(
     sp = triton.cdiv(n_tiles, tiles_per_split)
     inv_t = 1.0 / float(temperature)
     part = torch.empty(5, n, sp, dtype=torch.float32, device=logits.device) if sp > 1 else out
-    kernel[(triton.cdiv(n, br), sp)](
+    _logit_stats_kernel[(triton.cdiv(n, br), sp)](
         logits, ids, out, part,
         n, v, logits.stride(0), logits.stride(1), inv_t, tiles_per_split,
         SPLITS=sp, BLOCK_R=br, BLOCK_V=bv, num_warps=nw,
