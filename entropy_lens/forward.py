@@ -87,7 +87,8 @@ def head_chunk_rows(vocab: int, head_itemsize: int, chunk_bytes: int = DEFAULT_C
     """Rows r of LM-head logits per chunk so that the chunk (``head_itemsize`` bytes per logit)
     plus the scratch blocks of :func:`entropy_lens.logits.logit_stats` fit in ``chunk_bytes``:
     one fp32 block of min(r, s) rows when the head is fp32 and the chunk is consumed in place,
-    else two (s = rows of a ~4 MiB block)."""
+    else two (s = rows of a ~4 MiB block, the CPU block size; on CUDA the Triton kernel needs no
+    scratch)."""
     v = max(vocab, 1)
     k = 1 if head_itemsize == 4 else 2
     s = default_chunk_rows(v, SCRATCH_BYTES)

@@ -16,8 +16,10 @@ import torch
 #: Budget in bytes for all fp32 vocabulary rows alive at once in a chunked pass (LM-head logits
 #: chunk + scratch blocks); chunk rows = budget // (4·V).
 DEFAULT_CHUNK_BYTES = 32 * 2**20
-#: Bytes of one fp32 scratch block of :func:`logit_stats`.
+#: Bytes of one fp32 scratch block of :func:`logit_stats` on the CPU (cache-sized blocks) and on
+#: other devices (large blocks: few kernel launches).
 SCRATCH_BYTES = 4 * 2**20
+DEVICE_SCRATCH_BYTES = 64 * 2**20
 #: Finite stand-in for −inf after the max shift: e^y underflows to exactly 0 and e·y stays finite.
 _NEG_FLOOR = torch.finfo(torch.float32).min / 4
 
@@ -83,9 +85,9 @@ def logit_stats(
     """Compute :class:`LogitStats` from ``logits`` [N, V] (any float dtype, any row stride).
 
     ``token_ids`` [N] are the sampled tokens; ``temperature`` τ > 0 divides the logits.
-    Reductions run in fp32 over blocks of ``chunk_rows`` rows (default: ~4 MiB of fp32 per block)
-    using two reused scratch buffers of one block each; the block size never changes the result
-    beyond fp32 rounding. ``consume=True`` allows overwriting ``logits`` when it is fp32 with
+    Reductions run in fp32 over blocks of ``chunk_rows`` rows (default: ~4 MiB of fp32 per block on
+    the CPU, ~64 MiB elsewhere) using two reused scratch buffers of one block each; the block size
+    never changes the result beyond fp32 rounding. ``consume=True`` allows overwriting ``logits`` when it is fp32 with
     contiguous rows (no copy; one scratch buffer); its content is undefined afterwards.
     ``-inf`` logits (masked vocabulary) are allowed; NaN or ``+inf`` raise ``ValueError`` naming
     the first bad row.
@@ -105,7 +107,8 @@ def logit_stats(
     out = torch.empty(4, n, dtype=torch.float32, device=logits.device)
     if n == 0:
         return LogitStats(*out)
-    rows = max(1, min(n, chunk_rows or default_chunk_rows(v, SCRATCH_BYTES)))
+    block = SCRATCH_BYTES if logits.device.type == "cpu" else DEVICE_SCRATCH_BYTES
+    rows = max(1, min(n, chunk_rows or default_chunk_rows(v, block)))
     in_place = consume and logits.dtype == torch.float32 and logits.stride(-1) == 1
     e_buf = torch.empty(rows, v, dtype=torch.float32, device=logits.device)
     y_buf = None if in_place else torch.empty(rows, v, dtype=torch.float32, device=logits.device)
