@@ -392,11 +392,11 @@ def bench_kernel_tune(n: int, v: int, dtype: torch.dtype, copy_gbs: float, reps:
 
     x, ids = make_logits(n, v, dtype, "cuda")
     nbytes = x.numel() * x.element_size()
-    configs = [dict(block_v=tk.DEFAULT_BLOCK_V, block_r=tk.DEFAULT_BLOCK_R, num_warps=tk.DEFAULT_NUM_WARPS)]
+    configs = [dict(block_v=tk.DEFAULT_BLOCK_V, block_r=tk.DEFAULT_BLOCK_R, num_warps=tk.DEFAULT_NUM_WARPS, exp2=tk.DEFAULT_EXP2)]
     grid = [(bv, 1, w) for bv in (1024, 2048, 4096, 8192, 16384) for w in (4, 8, 16)] + [(2048, 2, 8), (1024, 4, 8), (2048, 4, 16)]
     if quick:
         grid = [(4096, 1, 4), (4096, 1, 8), (2048, 1, 4), (16384, 1, 8)]
-    configs += [dict(block_v=bv, block_r=br, num_warps=w) for bv, br, w in grid]
+    configs += [dict(block_v=bv, block_r=br, num_warps=w, exp2=e2) for e2 in (False, True) for bv, br, w in grid]
     ref = reference64(x[:64], ids[:64], 1.0)
     rows = []
     for cfg in configs:

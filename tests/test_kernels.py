@@ -73,6 +73,7 @@ def _logits(n, v, dtype, scale=4.0, seed=0):
 # ---------------------------------------------------------------- one-pass kernel
 
 
+@pytest.mark.parametrize("exp2", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "n, v, block_v, block_r, splits, tau",
@@ -82,10 +83,10 @@ def _logits(n, v, dtype, scale=4.0, seed=0):
         (64, 999, 256, 8, None, 1.3),  # several rows per program, default splits
     ],
 )
-def test_kernel_equals_float64_reference(dtype, n, v, block_v, block_r, splits, tau):
+def test_kernel_equals_float64_reference(dtype, n, v, block_v, block_r, splits, tau, exp2):
     tk, _ = _kernels()
     x, ids = _logits(n, v, dtype)
-    got = tk.logit_stats_triton(x, ids, tau, block_v=block_v, block_r=block_r, splits=splits)
+    got = tk.logit_stats_triton(x, ids, tau, block_v=block_v, block_r=block_r, splits=splits, exp2=exp2)
     _close(got, logit_stats_reference(x, ids, tau))
     _close(got, logit_stats(x, ids, tau), tol=1e-5)  # the chunked torch path: same numbers
 
@@ -101,33 +102,36 @@ def test_kernel_any_row_and_column_stride():
         _close(tk.logit_stats_triton(x, ids, 0.9, block_v=64, block_r=4), logit_stats_reference(x, ids, 0.9))
 
 
-def test_kernel_online_rescaling_extremes():
+@pytest.mark.parametrize("exp2", [False, True])
+def test_kernel_online_rescaling_extremes(exp2):
     """Maximum in the last tile (every tile rescales), in the first tile, near one-hot, near uniform."""
     tk, _ = _kernels()
     v = 700
     ramp = torch.linspace(-30.0, 30.0, v)
     x = torch.stack([ramp, ramp.flip(0), torch.randn(v) * 60, torch.randn(v) * 1e-3, torch.full((v,), 5.0)]).to(DEV)
     ids = torch.tensor([v - 1, 0, 3, 5, 7], device=DEV)
-    got = tk.logit_stats_triton(x, ids, 1.0, block_v=64, block_r=1)
+    got = tk.logit_stats_triton(x, ids, 1.0, block_v=64, block_r=1, exp2=exp2)
     ref = logit_stats_reference(x, ids)
     _close(got, ref)
     assert abs(float(got.entropy[4]) - math.log(v)) < 1e-5 and abs(float(got.sum_p2[4]) - 1 / v) < 1e-7
     assert float(got.sum_p2[2]) > 0.5  # scale 60: nearly one-hot
 
 
-def test_kernel_neg_inf_vocabulary_has_zero_probability():
+@pytest.mark.parametrize("exp2", [False, True])
+def test_kernel_neg_inf_vocabulary_has_zero_probability(exp2):
     tk, _ = _kernels()
     x, ids = _logits(9, 300, torch.float32)
     x[:, 10:] = float("-inf")  # whole tiles of -inf after the first
     x[3, :5] = float("-inf")
     ids = ids % 10
     ids[3] = 7
-    got = tk.logit_stats_triton(x, ids, 1.0, block_v=64, block_r=2)
+    got = tk.logit_stats_triton(x, ids, 1.0, block_v=64, block_r=2, exp2=exp2)
     _close(got, logit_stats_reference(x[:, :10], ids))
 
 
+@pytest.mark.parametrize("exp2", [False, True])
 @pytest.mark.parametrize("kind", ["nan", "+inf", "all_-inf", "id_high", "id_negative"])
-def test_kernel_bad_input_raises_the_torch_path_error(kind):
+def test_kernel_bad_input_raises_the_torch_path_error(kind, exp2):
     tk, _ = _kernels()
     x, ids = _logits(9, 200, torch.bfloat16)
     if kind == "nan":
@@ -141,8 +145,8 @@ def test_kernel_bad_input_raises_the_torch_path_error(kind):
     else:
         ids[4], match = -1, "out of range"
     with pytest.raises(ValueError, match=match):
-        tk.logit_stats_triton(x, ids, block_v=64, block_r=4)
-    raw = tk.logit_stats_triton(x, ids, block_v=64, block_r=4, check=False)  # the kernel's own signal
+        tk.logit_stats_triton(x, ids, block_v=64, block_r=4, exp2=exp2)
+    raw = tk.logit_stats_triton(x, ids, block_v=64, block_r=4, exp2=exp2, check=False)  # the kernel's own signal
     assert not bool(torch.isfinite(torch.stack([raw.logp, raw.entropy])).all())
 
 
@@ -304,7 +308,8 @@ def test_cuda_kernel_large_vocab_bf16():
     lb = _bench()
     x, ids = lb.make_logits(256, 151_936, torch.bfloat16, "cuda")
     ref = lb.reference64(x, ids, 1.0)
-    for st in (tk.logit_stats_triton(x, ids), logit_stats_auto(x, ids), tk.logit_stats_triton(x[:3], ids[:3])):
+    for st in (tk.logit_stats_triton(x, ids), logit_stats_auto(x, ids), tk.logit_stats_triton(x[:3], ids[:3]),
+               tk.logit_stats_triton(x, ids, exp2=True), tk.logit_stats_triton(x[:3], ids[:3], exp2=True)):
         got = {k: getattr(st, k) for k in NAMES}
         assert lb.max_rel_error(got, {k: r[: len(got["logp"])] for k, r in ref.items()}) < 1e-5
     h = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16)

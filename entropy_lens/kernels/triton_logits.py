@@ -39,12 +39,16 @@ _M_INIT = tl.constexpr(-1.0e30)
 #: Shifted logits are clamped here: e^{−10⁴} is exactly 0 in fp32, and (z−m)·e stays 0 (not NaN)
 #: for ``-inf`` logits and padding lanes.
 _Y_MIN = tl.constexpr(-1.0e4)
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 
 #: Default tile sizes (vocabulary columns per tile, rows per program, warps). The benchmark
 #: ``python -m benchmarks.logits_bench`` sweeps alternatives and prints the best on the device.
 DEFAULT_BLOCK_V = 8192
 DEFAULT_BLOCK_R = 1
 DEFAULT_NUM_WARPS = 4
+#: Accumulate in base 2 (``exp2`` of pre-scaled logits) by default.
+DEFAULT_EXP2 = False
 
 
 @triton.jit
@@ -56,6 +60,24 @@ def _online_update(x, m, s, t, q, r):
     ad = a * d
     y = tl.maximum(x - m_new[:, None], _Y_MIN, propagate_nan=tl.PropagateNan.ALL)
     e = tl.exp(y)
+    ye = y * e
+    s_new = a * s + tl.sum(e, 1)
+    t_new = a * t + ad * s + tl.sum(ye, 1)
+    q_new = a * a * q + tl.sum(e * e, 1)
+    r_new = a * a * r + a * ad * q + tl.sum(ye * e, 1)
+    return m_new, s_new, t_new, q_new, r_new
+
+
+@triton.jit
+def _online_update_base2(x2, m, s, t, q, r):
+    """:func:`_online_update` in base 2: ``x2`` = z·log₂e, so e^{z−m} = 2^{x2−m₂} (one ``exp2``,
+    no scaling inside the exponential); ``m, t, r`` come out in base-2 units (× ln 2 gives nats)."""
+    m_new = tl.maximum(m, tl.max(x2, 1))
+    d = m - m_new
+    a = tl.exp2(d)
+    ad = a * d
+    y = tl.maximum(x2 - m_new[:, None], _Y_MIN, propagate_nan=tl.PropagateNan.ALL)
+    e = tl.exp2(y)
     ye = y * e
     s_new = a * s + tl.sum(e, 1)
     t_new = a * t + ad * s + tl.sum(ye, 1)
@@ -80,9 +102,10 @@ def _finish(m, s, t, q, r, z_tok, valid):
 def _logit_stats_kernel(
     x_ptr, ids_ptr, out_ptr, part_ptr,
     n_rows, n_cols, stride_row, stride_col, inv_t, tiles_per_split,
-    SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+    SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, EXP2: tl.constexpr,
 ):
-    """Grid (cdiv(N, BLOCK_R), SPLITS). SPLITS == 1: write ``out`` [4, N]; else partials [5, N, SPLITS]."""
+    """Grid (cdiv(N, BLOCK_R), SPLITS). SPLITS == 1: write ``out`` [4, N]; else partials [5, N, SPLITS].
+    ``EXP2``: accumulate in base 2 (:func:`_online_update_base2`) and convert to nats at the end."""
     pid_r = tl.program_id(0)
     split = tl.program_id(1)
     rows = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
@@ -100,7 +123,14 @@ def _logit_stats_kernel(
         ok = row_ok[:, None] & (cols < n_cols)[None, :]
         x = tl.load(row_ptr[:, None] + cols[None, :].to(tl.int64) * stride_col, mask=ok,
                     other=float("-inf"), eviction_policy="evict_first")
-        m, s, t, q, r = _online_update(x.to(tl.float32) * inv_t, m, s, t, q, r)
+        if EXP2:
+            m, s, t, q, r = _online_update_base2(x.to(tl.float32) * (inv_t * _LOG2E), m, s, t, q, r)
+        else:
+            m, s, t, q, r = _online_update(x.to(tl.float32) * inv_t, m, s, t, q, r)
+    if EXP2:
+        m = m * _LN2
+        t = t * _LN2
+        r = r * _LN2
     if SPLITS == 1:
         tok = tl.load(ids_ptr + rows, mask=row_ok, other=0)
         valid = (tok >= 0) & (tok < n_cols)
@@ -215,14 +245,15 @@ def logit_stats_triton(
     block_r: int | None = None,
     num_warps: int | None = None,
     splits: int | None = None,
+    exp2: bool | None = None,
     check: bool = True,
 ) -> LogitStats:
     """:class:`LogitStats` (each ``[N]`` fp32, nats) of ``logits`` [N, V] at temperature τ, one read per logit.
 
     ``token_ids`` [N] are the sampled tokens. ``block_v`` (power of 2), ``block_r`` rows per
-    program, ``num_warps`` and ``splits`` (vocabulary splits per row) are tuning knobs; ``None``
-    picks the defaults. With ``check`` (default) one device sync tests the outputs for non-finite
-    values and, if any, re-runs :func:`entropy_lens.logits.logit_stats` so that bad input raises the
+    program, ``num_warps``, ``splits`` (vocabulary splits per row) and ``exp2`` (accumulate in base
+    2) are tuning knobs; ``None`` picks the defaults. With ``check`` (default) one device sync tests
+    the outputs for non-finite values and, if any, re-runs :func:`entropy_lens.logits.logit_stats` so that bad input raises the
     same one-line ``ValueError`` (NaN/+inf logit, all ``-inf`` row, token id out of range).
     Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
     """
@@ -246,7 +277,7 @@ def logit_stats_triton(
     _logit_stats_kernel[(triton.cdiv(n, br), sp)](
         logits, ids, out, part,
         n, v, logits.stride(0), logits.stride(1), inv_t, tiles_per_split,
-        SPLITS=sp, BLOCK_R=br, BLOCK_V=bv, num_warps=nw,
+        SPLITS=sp, BLOCK_R=br, BLOCK_V=bv, EXP2=DEFAULT_EXP2 if exp2 is None else bool(exp2), num_warps=nw,
     )
     if sp > 1:
         combine_partials(part, None, logits, ids, v, inv_t, out)
