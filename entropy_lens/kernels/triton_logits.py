@@ -48,7 +48,7 @@ DEFAULT_BLOCK_V = 8192
 DEFAULT_BLOCK_R = 1
 DEFAULT_NUM_WARPS = 4
 #: Accumulate in base 2 (``exp2`` of pre-scaled logits) by default.
-DEFAULT_EXP2 = False
+DEFAULT_EXP2 = True
 
 
 @triton.jit
