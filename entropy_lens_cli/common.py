@@ -61,23 +61,39 @@ def user_errors() -> Iterator[None]:
 
 
 @contextmanager
-def stage_progress(stages: dict[str, int]) -> Iterator:
-    """Rich progress bars, one per stage (its clock starts at its first advance); yields
-    ``advance(stage, n)``."""
+def stage_progress(stages: dict[str, int], get_time=None) -> Iterator:
+    """Rich progress bars, one per stage, for stages that run one after another in the given order:
+    a stage's clock starts when the stage before it completes (the first one's at once), or at its
+    own first report if that comes earlier. Yields ``advance(stage, n)``; ``advance.elapsed(stage)``
+    gives a stage's seconds so far."""
     with Progress(
         TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeElapsedColumn(),
-        console=err_console, transient=False,
+        console=err_console, transient=False, get_time=get_time,
     ) as prog:
-        tasks = {name: prog.add_task(name, total=total, start=False) for name, total in stages.items()}
-        started: set[str] = set()
+        names = list(stages)
+        tasks = {name: prog.add_task(name, total=total, start=(i == 0)) for i, (name, total) in enumerate(stages.items())}
+        started = set(names[:1])
+
+        def start(stage: str) -> None:
+            if stage not in started:
+                prog.start_task(tasks[stage])
+                started.add(stage)
 
         def advance(stage: str, n: int) -> None:
-            if stage in tasks:
-                if stage not in started:
-                    prog.start_task(tasks[stage])
-                    started.add(stage)
-                prog.advance(tasks[stage], n)
+            if stage not in tasks:
+                return
+            start(stage)
+            prog.advance(tasks[stage], n)
+            if prog.tasks[tasks[stage]].finished:
+                later = names[names.index(stage) + 1 :]
+                if later:
+                    start(later[0])
 
+        def elapsed(stage: str) -> float:  # as TimeElapsedColumn shows it
+            t = prog.tasks[tasks[stage]]
+            return (t.finished_time if t.finished else t.elapsed) or 0.0
+
+        advance.elapsed = elapsed
         yield advance
 
 
