@@ -125,7 +125,7 @@ if triton is not None:
                     acc = tl.dot(a.to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
             x = tl.where(col_ok[None, :], acc * inv_t, float("-inf"))
             z_tok += tl.sum(tl.where(cols[None, :] == tok[:, None], x, 0.0), 1)
-            m, s, t, q, r = _online_update(x, m, s, t, q, r)
+            m, s, t, q, r = _online_update(x, m, s, t, q, r, False)
         stride_c = n_rows * SPLITS
         p = part_ptr + rows * SPLITS + split
         tl.store(p, m, mask=row_ok)

@@ -52,32 +52,27 @@ DEFAULT_EXP2 = True
 
 
 @triton.jit
-def _online_update(x, m, s, t, q, r):
-    """Fold one fp32 tile ``x`` [R, C] (already divided by τ) into running stats ``m, s, t, q, r`` [R]."""
-    m_new = tl.maximum(m, tl.max(x, 1))
-    d = m - m_new
-    a = tl.exp(d)
-    ad = a * d
-    y = tl.maximum(x - m_new[:, None], _Y_MIN, propagate_nan=tl.PropagateNan.ALL)
-    e = tl.exp(y)
-    ye = y * e
-    s_new = a * s + tl.sum(e, 1)
-    t_new = a * t + ad * s + tl.sum(ye, 1)
-    q_new = a * a * q + tl.sum(e * e, 1)
-    r_new = a * a * r + a * ad * q + tl.sum(ye * e, 1)
-    return m_new, s_new, t_new, q_new, r_new
+def _exp(x, BASE2: tl.constexpr):
+    """e^x, or 2^x when ``BASE2`` (then every exponent is already in base-2 units)."""
+    if BASE2:
+        y = tl.exp2(x)
+    else:
+        y = tl.exp(x)
+    return y
 
 
 @triton.jit
-def _online_update_base2(x2, m, s, t, q, r):
-    """:func:`_online_update` in base 2: ``x2`` = z·log₂e, so e^{z−m} = 2^{x2−m₂} (one ``exp2``,
-    no scaling inside the exponential); ``m, t, r`` come out in base-2 units (× ln 2 gives nats)."""
-    m_new = tl.maximum(m, tl.max(x2, 1))
+def _online_update(x, m, s, t, q, r, BASE2: tl.constexpr):
+    """Fold one fp32 tile ``x`` [R, C] (already divided by τ) into running stats ``m, s, t, q, r`` [R].
+
+    ``BASE2``: ``x`` is z·log₂e, so e^{z−m} = 2^{x−m₂} (one ``exp2``, no scaling inside the
+    exponential); ``m, t, r`` then come out in base-2 units (× ln 2 gives nats)."""
+    m_new = tl.maximum(m, tl.max(x, 1))
     d = m - m_new
-    a = tl.exp2(d)
+    a = _exp(d, BASE2)
     ad = a * d
-    y = tl.maximum(x2 - m_new[:, None], _Y_MIN, propagate_nan=tl.PropagateNan.ALL)
-    e = tl.exp2(y)
+    y = tl.maximum(x - m_new[:, None], _Y_MIN, propagate_nan=tl.PropagateNan.ALL)
+    e = _exp(y, BASE2)
     ye = y * e
     s_new = a * s + tl.sum(e, 1)
     t_new = a * t + ad * s + tl.sum(ye, 1)
@@ -105,7 +100,7 @@ def _logit_stats_kernel(
     SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, EXP2: tl.constexpr,
 ):
     """Grid (cdiv(N, BLOCK_R), SPLITS). SPLITS == 1: write ``out`` [4, N]; else partials [5, N, SPLITS].
-    ``EXP2``: accumulate in base 2 (:func:`_online_update_base2`) and convert to nats at the end."""
+    ``EXP2``: accumulate in base 2 (:func:`_online_update`) and convert to nats at the end."""
     pid_r = tl.program_id(0)
     split = tl.program_id(1)
     rows = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
@@ -124,9 +119,10 @@ def _logit_stats_kernel(
         x = tl.load(row_ptr[:, None] + cols[None, :].to(tl.int64) * stride_col, mask=ok,
                     other=float("-inf"), eviction_policy="evict_first")
         if EXP2:
-            m, s, t, q, r = _online_update_base2(x.to(tl.float32) * (inv_t * _LOG2E), m, s, t, q, r)
+            xs = x.to(tl.float32) * (inv_t * _LOG2E)
         else:
-            m, s, t, q, r = _online_update(x.to(tl.float32) * inv_t, m, s, t, q, r)
+            xs = x.to(tl.float32) * inv_t
+        m, s, t, q, r = _online_update(xs, m, s, t, q, r, EXP2)
     if EXP2:
         m = m * _LN2
         t = t * _LN2
