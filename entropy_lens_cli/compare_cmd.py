@@ -17,25 +17,8 @@ from rich.table import Table
 
 from entropy_lens.compare import COMPARE_ESTIMATORS, compare_methods, validate_tokens_frame
 from entropy_lens.methods import get_method, list_methods, params_from_dict, params_table
+from entropy_lens.train.config import parse_value
 from entropy_lens_cli.common import EXIT_USAGE, fail
-
-#: Exit code for a user error (unknown method / parameter, bad value, missing or malformed input
-#: file), as for the other commands of the app.
-
-
-def parse_value(text: str) -> Any:
-    """``--set`` value: true/false → bool, none/null → None, int, float (incl. inf), else string."""
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    return text
 
 
 def parse_overrides(items: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
