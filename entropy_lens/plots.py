@@ -1480,3 +1480,15 @@ def save_plots(plots: list[Plot], out: str | Path, dpi: int = 130) -> list[Path]
         atomic_write_bytes(out / fname, data)
         written.append(out / fname)
     return written
+
+
+def save_run_figures(run: str | Path, out: str | Path, registry: bool = False, dpi: int = 130) -> list[str]:
+    """Every figure one run folder supports, PNG + CSV into ``out``; their names in order.
+
+    The factor matrix (from the method registry, not the run) is included only with ``registry``.
+    """
+    built, _ = build_plots([load_run(run)])
+    if not registry:
+        built = [p for p in built if p.name != "factor_matrix"]
+    save_plots(built, out, dpi=dpi)
+    return [p.name for p in built]

@@ -69,19 +69,11 @@ def analyze(
     print_analysis(summary)
     console.print(f"wrote {out}/tokens.parquet, {out}/summary.json")
     if figures:
+        from entropy_lens.plots import save_run_figures
+
         with user_errors():
-            names = write_run_figures(out)
+            names = save_run_figures(out, out / "figures")
         console.print(f"wrote {len(names)} figures (PNG + CSV) to {out}/figures: {', '.join(names)}")
-
-
-def write_run_figures(run: Path, dpi: int = 130) -> list[str]:
-    """Every token-level figure one run folder supports, into ``run/figures``; their names."""
-    from entropy_lens import plots
-
-    built, _ = plots.build_plots([plots.load_run(run)])
-    built = [p for p in built if p.name != "factor_matrix"]  # from the registry, not the run
-    plots.save_plots(built, run / "figures", dpi=dpi)
-    return [p.name for p in built]
 
 
 def estimate_tokens(frame, tokenizer) -> int:

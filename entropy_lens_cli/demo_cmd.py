@@ -96,16 +96,13 @@ def demo_batch(fresh, shipped):
     return pd.concat([a, b], ignore_index=True)
 
 
-#: The figures a one-batch validate run supports (the step-series figures need a training run).
-DEMO_FIGURES = ("dh_scatter", "dh_vs_prob", "quadrants", "compare_dh", "weight_dist", "steer_weight_omega", "factor_matrix")
-
-
 def render_outputs(out: Path) -> list[str]:
     """Figures (PNG + CSV) and the HTML report of the validate run."""
-    from entropy_lens_cli.plot_cmd import plot
+    from entropy_lens.plots import save_run_figures
     from entropy_lens_cli.report_cmd import report
 
-    plot(runs=[out / "validate"], out=out / "figures", figure=list(DEMO_FIGURES), dpi=130)
+    names = save_run_figures(out / "validate", out / "figures", registry=True)
+    console.print(f"wrote {len(names)} figures (PNG + CSV) to {out}/figures: {', '.join(names)}")
     report(run=out / "validate", out=out / "report.html", max_responses=12, max_tokens=400, seed=0, figures=True, dpi=100)
     return [
         "figures/                    paper-style figures (PNG) and the numbers behind each (CSV)",

@@ -545,3 +545,13 @@ def test_compare_folder_given_directly_finds_its_tokens(tmp_path):
     assert run.compare is not None and run.tokens is not None and run.lr == LR
     built, _ = plots.build_plots([run], ["steer_weight_omega", "weight_dist"])
     assert [p.name for p in built] == ["weight_dist", "steer_weight_omega"]
+
+
+def test_save_run_figures_writes_what_the_run_supports(tmp_path):
+    from entropy_lens.plots import save_run_figures
+
+    run = write_token_run(tmp_path / "run")
+    names = save_run_figures(run, tmp_path / "figs")
+    assert "dh_scatter" in names and "compare_dh" in names and "factor_matrix" not in names
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == sorted(f"{n}.{e}" for n in names for e in ("png", "csv"))
+    assert save_run_figures(run, tmp_path / "figs2", registry=True)[-1] == "factor_matrix"
