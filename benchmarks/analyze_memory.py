@@ -13,7 +13,7 @@ weights, which would otherwise count as the first call's memory), then the kerne
 - ``naive``: ``model(input_ids).logits`` for every position, ``.float()``, ``log_softmax`` over the
   vocabulary, log-prob of the next token and H = −Σ p log p — the plain way to get the same two
   per-token numbers;
-- ``entropy_lens forward``: :func:`entropy_lens.forward.response_stats` with the ``analyze`` default
+- ``entropy_lens forward``: :func:`entropy_lens.model.forward.response_stats` with the ``analyze`` default
   micro-batch (decoder hidden states, then the LM head one chunk of response rows at a time,
   consumed in place by the statistics pass);
 - ``entropy-lens analyze``: the whole command on a rollout file with exact ids (forward,
@@ -23,7 +23,7 @@ weights, which would otherwise count as the first call's memory), then the kerne
 Columns: peak RSS above the state before the call (MiB; includes what the allocator keeps mapped
 and kernels' internal workspaces, so it varies from run to run), absolute peak RSS of the process
 (MiB), and for the naive and entropy_lens rows the peak bytes of all live tensors and of live
-tensors of vocabulary width created during the call (``entropy_lens.memtrack``, deterministic; a
+tensors of vocabulary width created during the call (``entropy_lens.testing.memtrack``, deterministic; a
 separate process, since tracking slows the call), wall seconds of the measured call. Nothing here
 is asserted; the bound on vocabulary-width tensors is tested exactly in ``tests/test_forward.py``
 on a tiny model.
@@ -70,9 +70,9 @@ def naive_stats(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 def child(mode: str, batch: int, seq_len: int, track: bool) -> dict:
     """Runs in the fresh process: set up, reset the high-water mark, run ``mode`` once."""
-    from entropy_lens.forward import pack, response_stats
-    from entropy_lens.io.models import load_model
-    from entropy_lens.memtrack import live_peak_bytes
+    from entropy_lens.model.forward import pack, response_stats
+    from entropy_lens.model.load import load_model
+    from entropy_lens.testing.memtrack import live_peak_bytes
 
     model, tok = load_model(None)
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -91,7 +91,7 @@ def child(mode: str, batch: int, seq_len: int, track: bool) -> dict:
             "prompt_ids": prompts, "response_ids": responses,
         })
         frame.to_parquet(run_dir / "rollouts.parquet", index=False)
-        import entropy_lens.io.models as models_mod
+        import entropy_lens.model.load as models_mod
 
         models_mod.load_model = lambda *a, **k: (model, tok)  # the command gets the loaded model: load not counted
     calls = {

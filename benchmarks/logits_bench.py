@@ -45,7 +45,7 @@ from typing import Callable
 import torch
 
 from entropy_lens.logits import logit_stats
-from entropy_lens.memtrack import LiveTensorBytes, live_peak_bytes  # noqa: F401 (re-exported for tests)
+from entropy_lens.testing.memtrack import LiveTensorBytes, live_peak_bytes  # noqa: F401 (re-exported for tests)
 
 OUTPUTS = ("logp", "entropy", "sum_p2", "sum_p2_logp")
 
@@ -486,8 +486,8 @@ def bench_model(device: str, batch: int, seq: int, reps: int, config: dict | Non
     g = torch.Generator(device=device).manual_seed(2)
     input_ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g, device=device)
     ids = torch.randint(0, cfg.vocab_size, (batch * seq,), generator=g, device=device)
-    from entropy_lens.forward import decoder_hidden
     from entropy_lens.kernels import fused_logit_stats
+    from entropy_lens.model.forward import decoder_hidden
 
     attn = torch.ones_like(input_ids)
     head = model.get_output_embeddings().weight

@@ -1,4 +1,4 @@
-"""Per-response advantage estimators for group-sampled RLVR (SCIENCE.md §4, last row).
+"""Per-response advantage estimators for group-sampled RLVR (docs/science.md §4.6).
 
 Every estimator takes flat per-sequence tensors and returns one advantage per response:
 

@@ -1,6 +1,6 @@
 """First-order predictions of each token's entropy change ΔH after one policy-gradient step.
 
-SCIENCE.md §2. All closed forms are elementwise over ``[B, T]`` (or any shape) tensors and take
+docs/science.md §2. All closed forms are elementwise over ``[B, T]`` (or any shape) tensors and take
 flat arguments. Entropies and log-probabilities are in nats at the sampling temperature.
 Basis of every form: for a softmax, ∂H/∂z_v = −π_v (log π_v + H).
 
@@ -14,6 +14,9 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+
+from entropy_lens.objective import clip_active
+from entropy_lens.tokens import TokenBatch
 
 #: Estimator column names, in report order.
 ESTIMATORS = ("omega_paper", "omega_code", "dh_all_logit", "dh_cov", "dh_jvp")
@@ -38,7 +41,7 @@ def probability_factor(logp: torch.Tensor, ratio: torch.Tensor | float = 1.0) ->
 
 
 def quadrant(logp: torch.Tensor, entropy: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
-    """Quadrant of SCIENCE.md §2 as an int8 tensor: 1..4, and 0 where A = 0 (no update).
+    """Quadrant of docs/science.md §2.8 as an int8 tensor: 1..4, and 0 where A = 0 (no update).
 
     Q1: A>0, p>e^{−H}; Q2: A>0, p<e^{−H}; Q3: A<0, p<e^{−H}; Q4: A<0, p>e^{−H}.
     A token with p = e^{−H} exactly counts as rare.
@@ -133,6 +136,64 @@ def scaled_prediction(name: str, column: torch.Tensor, lr: float, n_tokens: int)
     if name == "omega_code":
         return -(lr / max(int(n_tokens), 1)) * column
     return column
+
+
+def penalty_coefficient(dlogp: torch.Tensor, ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A log-p-only penalty folded into the coefficient of ∂ log p: −g/r on valid tokens, 0 elsewhere.
+
+    ``dlogp`` g = ∂penalty/∂log p ``[B, T]`` (e.g. KL-Cov's), ``ratio`` r ``[B, T]``, ``mask`` ``[B, T]``.
+    """
+    return torch.where(mask, -dlogp / ratio, torch.zeros((), dtype=dlogp.dtype))
+
+
+def effective_coefficient(
+    weight: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    ratio: torch.Tensor | None = None,
+    dlogp: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The coefficient multiplying ∂ log p in a method's gradient, ``[B, T]``: w·A′ − g/r.
+
+    ``weight`` w and ``adv`` A′ (the method's token weight and advantage), ``mask`` valid tokens;
+    ``dlogp`` g = ∂penalty/∂log p of a log-p-only penalty (KL-Cov) with ``ratio`` r, or None.
+    An entropy bonus acts on the whole distribution and is not part of it (the closed forms do
+    not cover it). 0 on padding.
+    """
+    coef = weight.to(adv.dtype) * adv
+    if dlogp is not None:
+        coef = coef + penalty_coefficient(dlogp, ratio, mask)
+    return torch.where(mask, coef, torch.zeros((), dtype=coef.dtype))
+
+
+def closed_form_columns(
+    batch: TokenBatch, lr: float, eps_low: float, eps_high: float, dual_clip: float | None
+) -> dict[str, torch.Tensor]:
+    """Every closed-form estimator of one batch under the GRPO clipped objective, ``[B, T]`` each.
+
+    Columns ``ratio, clip_active, omega_paper, omega_code, dh_all_logit, dh_cov, quadrant``:
+    r = exp(log p − log p_old), I_clip from (``eps_low``, ``eps_high``, ``dual_clip``), the
+    estimators with η = ``lr`` and L = the batch's valid-token count (nats; ``omega_code`` is
+    unscaled, see :func:`scaled_prediction`). Float columns are 0 on padding.
+    """
+    m = batch.mask
+    L = batch.n_tokens
+    ratio = batch.ratio
+    ica = clip_active(ratio, batch.adv, eps_low, eps_high, dual_clip) & m
+    icf = ica.float()
+    zero = torch.zeros_like(batch.logp)
+    cols = {
+        "ratio": ratio,
+        "clip_active": ica,
+        "omega_paper": omega_paper(batch.logp, batch.entropy, batch.adv, ratio, icf, lr, L),
+        "omega_code": omega_code(batch.logp, batch.old_logp, batch.entropy, batch.adv),
+        "dh_all_logit": dh_all_logit(
+            batch.logp, batch.entropy, batch.sum_p2, batch.sum_p2_logp, batch.adv, ratio, icf, lr, L
+        ),
+        "dh_cov": dh_cov(batch.logp, batch.adv, m, lr),
+        "quadrant": quadrant(batch.logp, batch.entropy, batch.adv),
+    }
+    return {k: (torch.where(m, v, zero) if v.is_floating_point() else v) for k, v in cols.items()}
 
 
 # ---------------------------------------------------------------------------------------------

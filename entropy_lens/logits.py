@@ -3,7 +3,7 @@
 The CPU/reference path works on blocks of rows with two fp32 scratch buffers of one block each
 (default ~4 MiB, so a block stays in cache across its passes), allocated once per call; no other
 tensor of vocabulary width is created. A caller that owns an fp32 logits tensor it no longer needs
-(the LM-head chunk in :mod:`entropy_lens.forward`) passes ``consume=True``: the logits are then
+(the LM-head chunk in :mod:`entropy_lens.model.forward`) passes ``consume=True``: the logits are then
 overwritten in place and only one scratch block is allocated.
 """
 

@@ -19,7 +19,7 @@ def clip_active(
     eps_high: float | torch.Tensor = 0.2,
     dual_clip: float | None = None,
 ) -> torch.Tensor:
-    """I_clip of SCIENCE.md §1 as a bool tensor: False where the clip removes the token's gradient.
+    """I_clip of docs/science.md §1.1 as a bool tensor: False where the clip removes the token's gradient.
 
     I_clip = 0 where (A > 0 and r > 1 + ε_high) or (A < 0 and r < 1 − ε_low); with dual-clip c,
     also where A < 0 and r > c (the loss is the constant −c·A there). Shapes broadcast.

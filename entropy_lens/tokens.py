@@ -117,13 +117,10 @@ class TokenBatch:
         pos = torch.tensor(df["pos"].to_numpy(np.int64))
         B = int(sample.max()) + 1 if len(df) else 0
         T = int(pos.max()) + 1 if len(df) else 0
-        mask = torch.zeros(B, T, dtype=torch.bool)
-        mask[sample, pos] = True
+        mask = frame_grid(df, None, (B, T), torch.bool)
 
         def grid(col: str, dtype: torch.dtype) -> torch.Tensor:
-            out = torch.zeros(B, T, dtype=dtype)
-            out[sample, pos] = torch.tensor(df[col].to_numpy()).to(dtype)
-            return out
+            return frame_grid(df, col, (B, T), dtype)
 
         group_id = torch.zeros(B, dtype=torch.long)
         group_id[sample] = torch.tensor(df["group"].to_numpy(np.int64))
@@ -138,6 +135,19 @@ class TokenBatch:
             reward=reward,
             meta=dict(meta or {}),
         )
+
+
+def frame_grid(df: pd.DataFrame, column: str | None, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """Column ``column`` of a long token frame placed on a ``[B, T]`` grid by its ``sample`` and
+    ``pos`` columns (0 elsewhere); ``column`` None gives the bool mask of the rows present."""
+    b = torch.from_numpy(df["sample"].to_numpy(np.int64, copy=True))
+    t = torch.from_numpy(df["pos"].to_numpy(np.int64, copy=True))
+    out = torch.zeros(shape, dtype=dtype)
+    if column is None:
+        out[b, t] = True
+    else:
+        out[b, t] = torch.from_numpy(np.array(df[column].to_numpy(), copy=True)).to(dtype)
+    return out
 
 
 def tensor_field_names() -> list[str]:

@@ -20,9 +20,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from entropy_lens.io.models import load_model
+from entropy_lens.io.prompts import DEFAULT_INSTRUCTION, chat_prompt_ids
+from entropy_lens.model.generate import sample_responses
+from entropy_lens.model.load import load_model
 from entropy_lens.rewards import score_batch
-from entropy_lens.sampling import DEFAULT_INSTRUCTION, chat_prompt_ids, sample_responses
 
 
 def main() -> None:

@@ -1,10 +1,10 @@
 import json
 
 import pandas as pd
+from conftest import arithmetic_rows, make_model, make_tokenizer, write_rollouts
 from typer.testing import CliRunner
 
-import entropy_lens.analyze as an
-from conftest import arithmetic_rows, make_model, make_tokenizer, write_rollouts
+import entropy_lens.pipelines.analyze as an
 from entropy_lens_cli.app import app
 
 runner = CliRunner()
@@ -38,7 +38,7 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, tiny_model_dir, m
     real = an.shard_frame
 
     def flaky(*args, **kw):
-        calls.append(args[4])
+        calls.append(args[3])
         if len(calls) == 2:
             raise KeyboardInterrupt  # killed while working on the second shard
         return real(*args, **kw)
@@ -48,7 +48,7 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, tiny_model_dir, m
     assert res.exit_code != 0 and not (out / "tokens.parquet").exists()
     assert len(list((out / "shards").glob("shard_*.parquet"))) == 1
     calls.clear()
-    monkeypatch.setattr(an, "shard_frame", lambda *a, **k: (calls.append(a[4]), real(*a, **k))[1])
+    monkeypatch.setattr(an, "shard_frame", lambda *a, **k: (calls.append(a[3]), real(*a, **k))[1])
     res = _run(["--model", str(tiny_model_dir), "--rollouts", str(roll), "--shard-size", "5", "-o", str(out)])
     assert res.exit_code == 0, res.output
     assert calls == [5, 10]  # the finished first shard (start 0) was not recomputed

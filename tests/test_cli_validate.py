@@ -1,10 +1,10 @@
 import json
 
 import pandas as pd
+from conftest import arithmetic_rows, write_rollouts
 from typer.testing import CliRunner
 
 from entropy_lens_cli.app import app
-from conftest import arithmetic_rows, write_rollouts
 
 runner = CliRunner()
 
@@ -87,8 +87,9 @@ def test_folder_without_weights_and_pickle_opt_in(tmp_path, tiny_model_dir):
 
 
 def test_non_finite_logit_is_a_clear_error(tmp_path, tiny_model_dir):
-    from safetensors.torch import load_file, save_file
     import shutil
+
+    from safetensors.torch import load_file, save_file
 
     broken = tmp_path / "nan_model"
     shutil.copytree(tiny_model_dir, broken)

@@ -1,9 +1,9 @@
 import json
 
 import pandas as pd
+from conftest import arithmetic_rows, write_rollouts
 from typer.testing import CliRunner
 
-from conftest import arithmetic_rows, write_rollouts
 from entropy_lens_cli.app import app
 
 runner = CliRunner()

@@ -2,7 +2,7 @@ import pandas as pd
 import pytest
 
 from entropy_lens.io.datasets import load_prompts
-from entropy_lens.io.rollouts import RolloutError
+from entropy_lens.io.tables import InputError
 
 
 def _verl_rows():
@@ -35,11 +35,11 @@ def test_problem_answer_table_and_limit(tmp_path):
 def test_not_a_dataset(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"x": 1}\n')
-    with pytest.raises(RolloutError, match="not a prompt dataset"):
+    with pytest.raises(InputError, match="not a prompt dataset"):
         load_prompts(p)
     q = tmp_path / "e.parquet"
     rows = _verl_rows()
     rows[0]["reward_model"] = {"style": "rule"}
     pd.DataFrame(rows).to_parquet(q)
-    with pytest.raises(RolloutError, match="row 0: reward_model has no ground_truth"):
+    with pytest.raises(InputError, match="row 0: reward_model has no ground_truth"):
         load_prompts(q)

@@ -1,7 +1,7 @@
 import torch
 
-from entropy_lens.forward import pack, response_logp_entropy, response_stats
 from entropy_lens.logits import logit_stats_reference
+from entropy_lens.model.forward import pack, response_logp_entropy, response_stats
 
 
 def _batch():
@@ -47,7 +47,7 @@ def test_vocabulary_width_memory_stays_within_one_chunk():
     over many chunks, while a plain forward + log_softmax holds the whole [B, S, V] several times."""
     from conftest import make_model
 
-    from entropy_lens.memtrack import live_peak_bytes
+    from entropy_lens.testing.memtrack import live_peak_bytes
 
     v = 4096
     model = make_model(vocab=v)

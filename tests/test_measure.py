@@ -4,9 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from entropy_lens.forward import pack, response_stats
-from entropy_lens.measure import grpo_token_mean_loss, one_step_update, restore, snapshot
-from entropy_lens.validate import ValidateSettings, jvp_prediction
+from entropy_lens.model.forward import pack, response_stats
+from entropy_lens.model.update import (
+    grpo_token_mean_loss,
+    one_step_update,
+    restore,
+    snapshot,
+)
+from entropy_lens.model.jvp import jvp_prediction
 
 
 def _setup(model, seed=0):
@@ -30,7 +35,7 @@ def test_dh_jvp_tracks_measured_change(tiny_model, optimizer, lr):
     restore(tiny_model, theta)
     for n, p in tiny_model.named_parameters():
         assert torch.equal(p.detach(), theta[n])
-    pred = jvp_prediction(tiny_model, packed, theta, delta, ValidateSettings(lr=lr, micro_batch=4))[packed.mask].numpy()
+    pred = jvp_prediction(tiny_model, packed, theta, delta, 1.0, 4)[packed.mask].numpy()
     pcc = np.corrcoef(pred, measured)[0, 1]
     assert pcc > 0.99, pcc
     assert np.abs(measured).max() > 1e-4  # the step really moved the entropies
@@ -45,7 +50,7 @@ def test_jvp_error_is_second_order_in_lr(tiny_model):
         delta, _ = one_step_update(tiny_model, packed, loss_fn, lr, "sgd")
         measured = response_stats(tiny_model, packed)["entropy"] - before["entropy"]
         restore(tiny_model, theta)
-        pred = jvp_prediction(tiny_model, packed, theta, delta, ValidateSettings(lr=lr))
+        pred = jvp_prediction(tiny_model, packed, theta, delta, 1.0, 4)
         errs.append(float((pred - measured)[packed.mask].abs().max()))
     assert 2.8 < errs[0] / errs[1] < 5.0, errs
 

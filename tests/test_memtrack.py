@@ -2,7 +2,7 @@
 
 import torch
 
-from entropy_lens.memtrack import LiveTensorBytes, live_peak_bytes
+from entropy_lens.testing.memtrack import LiveTensorBytes, live_peak_bytes
 
 
 def test_counts_allocations_not_views_or_inputs():

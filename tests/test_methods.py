@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from entropy_lens.advantages import broadcast_to_tokens, grpo as grpo_adv
+from entropy_lens.advantages import broadcast_to_tokens
+from entropy_lens.advantages import grpo as grpo_adv
 from entropy_lens.estimators import cov_term
 from entropy_lens.methods import (
     FACTORS,
@@ -283,7 +284,7 @@ def test_weight_with_grad_is_rejected():
 
 
 def ref_steer_weights(om_abs, mask, seq_scope, mapping, lmin, lmax):
-    """Per-token Python loop reference of SCIENCE.md §3 (test only)."""
+    """Per-token Python loop reference of docs/science.md §3.2 (test only)."""
     B, T = len(om_abs), len(om_abs[0])
     out = [[1.0] * T for _ in range(B)]
     for s in sorted(set(seq_scope)):

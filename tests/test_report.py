@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pytest
 import typer
+from test_plots import LR, make_tokens, write_metrics_run, write_token_run
 from typer.testing import CliRunner
 
 from entropy_lens import report as rep
-from test_plots import LR, make_tokens, write_metrics_run, write_token_run
 
 runner = CliRunner()
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
@@ -67,9 +71,10 @@ def test_model_text_is_escaped():
     # raw markup from the model never appears; its escaped form does
     assert "<script>alert(1)</script>" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    assert '" onmouseover=' not in page and "&quot; onmouseover=&quot;alert(2)" in page
-    assert "&#x27; onclick=&#x27;x&#x27;" in page
-    assert "<img src=x" not in page and "&lt;img src=x onerror=&quot;alert(3)&quot;&gt;" in page
+    # (quotes as markupsafe writes them: " → &#34;, ' → &#39;)
+    assert '" onmouseover=' not in page and "&#34; onmouseover=&#34;alert(2)" in page
+    assert "&#39; onclick=&#39;x&#39;" in page
+    assert "<img src=x" not in page and "&lt;img src=x onerror=&#34;alert(3)&#34;&gt;" in page
     assert "<b>run</b>" not in page and "<b>bold</b>" not in page
     p = parse(page)
     # exactly one script element (the page's own), no event-handler attributes anywhere
@@ -269,4 +274,156 @@ def test_report_json_safe_for_summary_values():
     summary["retokenized"] = None
     summary["model"] = json.dumps({"a": [1, 2]})
     page = rep.build_report(df, summary)
-    assert "{&quot;a&quot;: [1, 2]}" in page
+    assert "{&#34;a&#34;: [1, 2]}" in page
+
+
+# --------------------------------------------------------------------------------------------
+# The template: autoescaping on, strict undefined, hostile text in every field, the CSP
+# --------------------------------------------------------------------------------------------
+
+HOSTILE = [
+    "<script>alert(7)</script>",
+    '"><img src=x onerror=alert(8)>',
+    "{{ 7*7 }}",
+    "{% raw %}",
+    "{{ title }}{# c #}",
+    "</span></div><b>x</b>",
+]
+
+
+class Text(HTMLParser):
+    """The decoded text of the page, and of the elements with a given tag."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.stack: list[str] = []
+        self.by_tag: dict[str, list[str]] = {}
+
+    def handle_starttag(self, tag, attrs):
+        if tag not in ("meta", "img", "br"):
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if self.stack and self.stack[-1] == tag:
+            self.stack.pop()
+
+    def handle_data(self, data):
+        for tag in set(self.stack):
+            self.by_tag.setdefault(tag, []).append(data)
+
+
+def page_text(page: str) -> dict[str, str]:
+    t = Text()
+    t.feed(page)
+    return {tag: "".join(parts) for tag, parts in t.by_tag.items()}
+
+
+def hostile_page() -> str:
+    import pandas as pd
+
+    df, summary = make_tokens(texts=HOSTILE)
+    summary["notes"] = HOSTILE
+    summary["model"] = HOSTILE[1]
+    summary["settings"]["optimizer"] = HOSTILE[2]
+    compare = {
+        "lr": HOSTILE[3],
+        "estimators": ["omega_paper"],
+        "methods": {h: {"factors": [h], "touched_share": 0.5, "predicted_dh": {"omega_paper": 1e-3}} for h in HOSTILE},
+    }
+    metrics = pd.DataFrame({"step": 0, "run": HOSTILE, "method": HOSTILE, "setting": "normal", "accuracy": 0.5})
+    return rep.build_report(
+        df,
+        summary,
+        compare,
+        metrics,
+        [(h, h, b"\x89PNG fake") for h in HOSTILE],
+        title=f"entropy-lens report: {HOSTILE[4]}",
+        notes=HOSTILE,
+        skipped=HOSTILE,
+        max_tokens=50,
+    )
+
+
+def test_hostile_text_in_every_field_is_text_only():
+    page = hostile_page()
+    p = parse(page)
+    # no markup from the data: one script (the page's own), images only the data-URI figures, no <b>,
+    # no event handler; the raw forms never appear, their escaped forms do
+    assert [t for t, _ in p.tags].count("script") == 1
+    assert [a["alt"] for t, a in p.tags if t == "img"] == HOSTILE
+    assert all(a["src"].startswith("data:image/png;base64,") for t, a in p.tags if t == "img")
+    assert "b" not in [t for t, _ in p.tags]
+    assert not [(t, k) for t, a in p.tags for k in a if k.lower().startswith("on")]
+    assert "<script>alert(7)" not in page and "&lt;script&gt;alert(7)&lt;/script&gt;" in page
+    assert '"><img src=x' not in page and "&#34;&gt;&lt;img src=x onerror=alert(8)&gt;" in page
+    assert "</span></div><b>" not in page
+    # every field shows the text as typed: template syntax in the data is never evaluated
+    text = page_text(page)
+    for tag in ("title", "h1", "li", "td", "caption", "figcaption", "option", "span", "body"):
+        assert tag in text
+    assert text["title"] == text["h1"] == f"entropy-lens report: {HOSTILE[4]}"
+    for h in HOSTILE:
+        assert h in text["li"] and h in text["td"] and h in text["figcaption"]
+    assert HOSTILE[3] in text["caption"]  # compare lr in the caption
+    assert set(p.spans) == set(HOSTILE)
+    assert [a["id"] for t, a in p.tags if t == "figure"] == [f"fig-{h}" for h in HOSTILE]
+
+
+def test_template_environment_autoescapes_and_is_strict():
+    import jinja2
+
+    env = rep.environment()
+    page = env.get_template("page.html.j2")
+    assert env.autoescape is True and page.new_context({}).eval_ctx.autoescape is True
+    assert env.undefined is jinja2.StrictUndefined
+    with pytest.raises(jinja2.UndefinedError):
+        page.render({})
+    assert str(env.from_string("{{ x }}").render(x="<i>")) == "&lt;i&gt;"
+    # the templates mark nothing safe and never turn escaping off
+    names = [n for n in env.list_templates() if n.endswith(".j2")]
+    assert {"page.html.j2", "script.js.j2"} <= set(names)
+    for name in names:
+        src = env.loader.get_source(env, name)[0]
+        assert not re.search(r"\|\s*safe\b", src) and not re.search(r"{%-?\s*autoescape", src), name
+    # nor does the Python side: no hand-written escaping, no Markup
+    for path in Path(rep.__file__).parent.glob("*.py"):
+        src = path.read_text(encoding="utf-8")
+        assert "Markup" not in src and "html.escape" not in src, path.name
+
+
+def test_csp_meta_tag_allows_only_the_page_script():
+    df, summary = make_tokens()
+    page = rep.build_report(df, summary)
+    metas = [a for t, a in parse(page).tags if t == "meta" and a.get("http-equiv") == "Content-Security-Policy"]
+    assert len(metas) == 1
+    assert metas[0]["content"] == (
+        "default-src 'none'; img-src data:; style-src 'unsafe-inline'; " f"script-src 'sha256-{rep.script_sha256()}'"
+    )
+    script = page.split("<script>", 1)[1].split("</script>", 1)[0]
+    assert base64.b64encode(hashlib.sha256(script.encode()).digest()).decode() == rep.script_sha256()
+    assert page.index("Content-Security-Policy") < page.index("<style>") < page.index("<body")
+    assert page.startswith("<!DOCTYPE html>") and page.endswith("</html>\n")
+
+
+def test_control_characters_become_replacement_chars():
+    df, summary = make_tokens(texts=["a\x01b", "\x00", "ok\t", "\x7f"])
+    page = rep.build_report(df, summary, title="run\x07", notes=["n\x1b"])
+    assert not re.search("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", page)
+    assert set(parse(page).spans) == {"a\ufffdb", "\ufffd", "ok\t"}
+    assert "run\ufffd" in page and "n\ufffd" in page
+
+
+def test_data_functions_return_plain_values():
+    from entropy_lens.report import colours, data
+
+    got = [data.fmt(x) for x in (None, True, np.int64(3), 0.1234567, float("nan"), "<x>")]
+    assert got == ["–", "True", "3", "0.123", "nan", "<x>"]
+    t = data.table(("a", "b"), [(1, "<x>"), (True, 2.5)], "cap")
+    assert [[(c.text, c.kind) for c in r] for r in t.rows] == [[("1", "num"), ("<x>", "txt")], [("True", "txt"), ("2.5", "num")]]
+    (f,) = data.figure_views([("n", "c", b"\x89PNG\x00\xff")])
+    assert re.fullmatch(r"[A-Za-z0-9+/=]+", f.png_base64) and base64.b64decode(f.png_base64) == b"\x89PNG\x00\xff"
+    df, summary = make_tokens()
+    modes = rep.colour_modes(df, LR, summary["n_tokens"])
+    div, seq = colours.legend(modes[0]), colours.legend(modes[-1])
+    assert len(div.ticks) == 3 and div.ticks[1] == "0" and div.gradient.count("#") == 3
+    assert seq.ticks[0] == "0 nats" and seq.gradient.count("#") == 2 and seq.label == "token entropy H"

@@ -15,9 +15,20 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from entropy_lens.train import build_config, check_record, pass_at_k, read_metrics, train
+from entropy_lens.train import (
+    build_config,
+    check_record,
+    pass_at_k,
+    read_metrics,
+    train,
+)
 from entropy_lens.train import loop as train_loop
-from entropy_lens.train.config import apply_overrides, config_from_dict, config_to_dict, parse_set_items
+from entropy_lens.train.config import (
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    parse_set_items,
+)
 from entropy_lens.train.metrics import METRIC_KEYS
 from entropy_lens_cli.app import app
 
@@ -144,8 +155,8 @@ def test_tiny_run_schema_and_measurements(tmp_path, sft_cache, method):
     # rollouts in the rollout format: exact ids and old_logp, readable by the rollout loader
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from entropy_lens.forward import pack, response_stats
     from entropy_lens.io.rollouts import load_rollouts, old_logp_grid, tokenize_rollouts
+    from entropy_lens.model.forward import pack, response_stats
 
     roll_path = out / "rollouts" / "step_000002.parquet"
     frame = load_rollouts(roll_path)
@@ -157,8 +168,8 @@ def test_tiny_run_schema_and_measurements(tmp_path, sft_cache, method):
 
     # step 2 recomputed from checkpoints 1 and 2 on step 2's tokens: measured ΔH = H(θ2) − H(θ1),
     # dh_jvp = ∇H(θ1)·(θ2 − θ1), and old_logp = log p under θ1
-    from entropy_lens.measure import snapshot
-    from entropy_lens.validate import ValidateSettings, jvp_prediction
+    from entropy_lens.model.update import snapshot
+    from entropy_lens.model.jvp import jvp_prediction
 
     packed = pack(ids.prompt_ids, ids.response_ids, tok.pad_token_id)
     models = {k: AutoModelForCausalLM.from_pretrained(out / "checkpoints" / f"step_{k:06d}").eval() for k in (1, 2)}
@@ -169,7 +180,7 @@ def test_tiny_run_schema_and_measurements(tmp_path, sft_cache, method):
     assert measured == pytest.approx(recs[1]["dh_measured"], rel=1e-4, abs=1e-4)
     theta1, theta2 = snapshot(models[1]), snapshot(models[2])
     delta = {k: theta2[k] - theta1[k] for k in theta1}
-    jvp = jvp_prediction(models[1], packed, theta1, delta, ValidateSettings(micro_batch=32))
+    jvp = jvp_prediction(models[1], packed, theta1, delta, 1.0, 32)
     assert float(jvp[packed.mask].double().sum()) == pytest.approx(recs[1]["dh_pred"]["dh_jvp"], rel=1e-4, abs=1e-5)
 
 

@@ -15,5 +15,5 @@ from typing import Any
 
 def wants_old_entropy(method: str, params: Any) -> bool:
     """Whether ``method`` with ``params`` reads H_old (entropy of the behaviour policy, nats) in its
-    ``TokenBatch.entropy`` rather than the current H: STEER's code-form ω (SCIENCE.md §2.2) does."""
+    ``TokenBatch.entropy`` rather than the current H: STEER's code-form ω (docs/science.md §2.2) does."""
     return method == "steer" and getattr(params, "omega", None) == "code"

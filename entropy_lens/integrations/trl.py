@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-from ..estimators import quadrant
-from ..methods import (
+from entropy_lens.estimators import quadrant
+from entropy_lens.methods import (
     GRPO_EPS_HIGH,
     GRPO_EPS_LOW,
     MethodContext,
@@ -46,9 +46,9 @@ from ..methods import (
     method_per_token_loss,
     params_from_dict,
 )
-from ..objective import aggregate, clip_active
-from ..tokens import TokenBatch
-from . import wants_old_entropy
+from entropy_lens.objective import aggregate, clip_active
+from entropy_lens.tokens import TokenBatch
+from entropy_lens.integrations import wants_old_entropy
 
 try:
     import trl

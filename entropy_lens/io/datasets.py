@@ -1,12 +1,12 @@
-"""Prompt datasets and verl rollout dumps.
+"""Prompt datasets: the problems ``sample`` and the trainer draw prompts from.
 
 - verl-schema datasets (parquet): ``prompt`` (list of ``{role, content}``), ``reward_model``
   (``{ground_truth, style}``), ``data_source``, ``extra_info``. For GSM8K rows the shipped template
   lost a word ("form Answer:  (without quotes) where  is the answer"), so ``extra_info.raw_problem``
   is used with our own instruction instead.
 - simple problem tables: ``problem`` and ``answer`` columns (e.g. the shipped GSM8K demo set).
-- verl ``trainer.rollout_data_dir`` dumps: ``{step}.jsonl`` lines with ``input`` (the prompt text,
-  already chat-templated), ``output``, ``gts``, ``score``, ``step``.
+
+verl ``rollout_data_dir`` dumps are rollouts, read by :mod:`entropy_lens.io.rollouts`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..sampling import DEFAULT_INSTRUCTION
-from .rollouts import RolloutError, read_table
+from entropy_lens.io.prompts import DEFAULT_INSTRUCTION
+from entropy_lens.io.tables import InputError, read_table
 
 #: Dataset names that resolve to files shipped with the package.
 SHIPPED = {"gsm8k-demo": "gsm8k_demo.parquet"}
@@ -33,7 +33,7 @@ def load_prompts(dataset: str | Path, limit: int | None = None) -> pd.DataFrame:
     and ``data_source``. ``dataset``: a shipped name (``gsm8k-demo``), a verl-schema parquet, or a
     parquet/JSONL with ``problem`` and ``answer`` columns."""
     if str(dataset) in SHIPPED:
-        from ..data import DATA_DIR
+        from entropy_lens.data import DATA_DIR
 
         path = DATA_DIR / SHIPPED[str(dataset)]
     else:
@@ -48,11 +48,11 @@ def load_prompts(dataset: str | Path, limit: int | None = None) -> pd.DataFrame:
             "data_source": path.stem,
         })
     else:
-        raise RolloutError(
+        raise InputError(
             f"{path}: not a prompt dataset (expected verl schema prompt+reward_model, or problem+answer columns)"
         )
     if len(out) == 0:
-        raise RolloutError(f"{path}: no prompts")
+        raise InputError(f"{path}: no prompts")
     return out.head(limit) if limit else out
 
 
@@ -61,7 +61,7 @@ def _from_verl_schema(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     for i, row in enumerate(df.itertuples(index=False)):
         rm = _as_dict(row.reward_model)
         if rm.get("ground_truth") is None:
-            raise RolloutError(f"{path}: row {i}: reward_model has no ground_truth")
+            raise InputError(f"{path}: row {i}: reward_model has no ground_truth")
         extra = _as_dict(getattr(row, "extra_info", None))
         source = str(getattr(row, "data_source", ""))
         msgs = row.prompt
@@ -70,47 +70,8 @@ def _from_verl_schema(df: pd.DataFrame, path: Path) -> pd.DataFrame:
         if "gsm8k" in source.lower() and extra.get("raw_problem"):
             msgs = [{"role": "user", "content": f"{extra['raw_problem']}\n\n{DEFAULT_INSTRUCTION}"}]
         elif not isinstance(msgs, list) or not msgs:
-            raise RolloutError(f"{path}: row {i}: prompt is not a list of chat messages")
+            raise InputError(f"{path}: row {i}: prompt is not a list of chat messages")
         prompts.append([{"role": str(m["role"]), "content": str(m["content"])} for m in msgs])
         truths.append(str(rm["ground_truth"]))
     return pd.DataFrame({"prompt": prompts, "ground_truth": truths,
                          "data_source": df["data_source"].astype(str).tolist() if "data_source" in df else path.stem})
-
-
-VERL_DUMP_COLUMNS = ("input", "output", "score")
-
-
-def is_verl_dump(df: pd.DataFrame) -> bool:
-    """True when a JSONL frame has verl's rollout-dump columns (input, output, score)."""
-    return all(c in df.columns for c in VERL_DUMP_COLUMNS) and "response" not in df.columns
-
-
-def from_verl_dump(df: pd.DataFrame, path: str | Path) -> pd.DataFrame:
-    """Convert a verl dump frame into our rollout columns. ``input`` is already templated text, so
-    the prompt is marked ``prompt_is_text_templated`` and tokenised without a chat template."""
-    missing = [c for c in VERL_DUMP_COLUMNS if c not in df.columns]
-    if missing:
-        raise RolloutError(f"{path}: verl dump lacks column(s): {', '.join(missing)}")
-    out = pd.DataFrame({
-        "prompt": df["input"].astype(str),
-        "response": df["output"].astype(str),
-        "reward": pd.to_numeric(df["score"], errors="coerce"),
-    })
-    if "gts" in df.columns:
-        out["ground_truth"] = df["gts"].astype(str)
-    if "step" in df.columns:
-        out["step"] = df["step"]
-    out["prompt_is_templated"] = True
-    return out
-
-
-def read_verl_dump_dir(folder: str | Path, step: int | None = None) -> pd.DataFrame:
-    """Rollouts of one step (default: the last) from a verl ``rollout_data_dir``."""
-    folder = Path(folder)
-    files = sorted((int(p.stem), p) for p in folder.glob("*.jsonl") if p.stem.isdigit())
-    if not files:
-        raise RolloutError(f"{folder}: no {{step}}.jsonl files (not a verl rollout_data_dir)")
-    chosen = dict(files).get(step) if step is not None else files[-1][1]
-    if chosen is None:
-        raise RolloutError(f"{folder}: no {step}.jsonl (steps present: {', '.join(str(s) for s, _ in files)})")
-    return from_verl_dump(read_table(chosen), chosen)

@@ -16,68 +16,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-
-class RolloutError(ValueError):
-    """Bad rollout input; the message names the file and the problem on one line."""
-
+from entropy_lens.io.prompts import as_messages, chat_prompt_ids
+from entropy_lens.io.tables import InputError, read_table
 
 REQUIRED = ("prompt", "response")
 
 
-def _read_jsonl(path: Path) -> pd.DataFrame:
-    rows = []
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise RolloutError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
-    for i, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise RolloutError(f"{path}: line {i}: invalid UTF-8 at byte {exc.start}") from exc
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise RolloutError(f"{path}: line {i}: malformed JSON ({exc.msg})") from exc
-        if not isinstance(obj, dict):
-            raise RolloutError(f"{path}: line {i}: expected a JSON object, got {type(obj).__name__}")
-        rows.append(obj)
-    return pd.DataFrame(rows)
-
-
-def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a parquet or JSONL file into a frame (format by suffix; ``.json`` read as JSONL)."""
-    path = Path(path)
-    if not path.exists():
-        raise RolloutError(f"{path}: no such file")
-    if path.is_dir():
-        raise RolloutError(f"{path}: is a folder, expected a parquet or JSONL file")
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        return _read_jsonl(path)
-    if suffix in (".parquet", ".pq"):
-        try:
-            return pd.read_parquet(path)
-        except Exception as exc:  # pyarrow raises several types for a corrupt file
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RolloutError(f"{path}: cannot read parquet ({msg})") from exc
-    raise RolloutError(f"{path}: unknown file type {suffix!r} (expected .parquet or .jsonl)")
-
-
-def _as_messages(prompt: Any) -> list[dict[str, str]] | None:
-    """Chat messages if ``prompt`` is a list of {role, content}; None for plain text."""
-    if isinstance(prompt, np.ndarray):
-        prompt = list(prompt)
-    if isinstance(prompt, (list, tuple)):
-        return [{"role": str(m["role"]), "content": str(m["content"])} for m in prompt]
-    return None
-
-
 def prompt_key(prompt: Any) -> str:
     """Hashable identity of a prompt (text, or JSON of its messages)."""
-    msgs = _as_messages(prompt)
+    msgs = as_messages(prompt)
     return json.dumps(msgs, sort_keys=True) if msgs is not None else str(prompt)
 
 
@@ -87,21 +34,21 @@ def validate_rollouts(df: pd.DataFrame, path: str | Path) -> pd.DataFrame:
     if "reward" not in df.columns and "ground_truth" not in df.columns:
         missing.append("reward (or ground_truth)")
     if missing:
-        raise RolloutError(f"{path}: missing column(s): {', '.join(missing)}")
+        raise InputError(f"{path}: missing column(s): {', '.join(missing)}")
     if len(df) == 0:
-        raise RolloutError(f"{path}: no rows")
+        raise InputError(f"{path}: no rows")
     has_ids = "response_ids" in df.columns
     for i, resp in enumerate(df["response"].tolist()):
         if not isinstance(resp, str):
-            raise RolloutError(f"{path}: row {i}: response is {type(resp).__name__}, expected text")
+            raise InputError(f"{path}: row {i}: response is {type(resp).__name__}, expected text")
         empty_ids = has_ids and (df["response_ids"].iloc[i] is None or len(df["response_ids"].iloc[i]) == 0)
         if (not resp and not has_ids) or empty_ids:
-            raise RolloutError(f"{path}: row {i}: empty response")
+            raise InputError(f"{path}: row {i}: empty response")
     if "reward" in df.columns:
         r = pd.to_numeric(df["reward"], errors="coerce")
         bad = np.flatnonzero(~np.isfinite(r.to_numpy(dtype=float)))
         if len(bad):
-            raise RolloutError(f"{path}: row {int(bad[0])}: reward is not a finite number")
+            raise InputError(f"{path}: row {int(bad[0])}: reward is not a finite number")
     out = df.reset_index(drop=True).copy()
     keys = out["group"].astype(str) if "group" in out.columns else out["prompt"].map(prompt_key)
     out["group_id"] = pd.factorize(keys)[0].astype(np.int64)
@@ -111,8 +58,6 @@ def validate_rollouts(df: pd.DataFrame, path: str | Path) -> pd.DataFrame:
 def load_rollouts(path: str | Path) -> pd.DataFrame:
     """Read and validate rollouts: our format (see module docstring), a verl rollout dump file
     (``{step}.jsonl`` with input/output/gts/score), or a verl ``rollout_data_dir`` folder (last step)."""
-    from .datasets import from_verl_dump, is_verl_dump, read_verl_dump_dir
-
     p = Path(path)
     if p.is_dir():
         return validate_rollouts(read_verl_dump_dir(p), p)
@@ -144,24 +89,21 @@ def tokenize_rollouts(df: pd.DataFrame, tokenizer, path: str | Path = "<rollouts
         for i, ids in enumerate(p_ids + r_ids):
             if ids and (min(ids) < 0 or max(ids) >= vocab):
                 row = i % len(df)
-                raise RolloutError(f"{path}: row {row}: token id outside the tokenizer's vocabulary of {vocab}")
+                raise InputError(f"{path}: row {row}: token id outside the tokenizer's vocabulary of {vocab}")
         return Tokenized(p_ids, r_ids, retokenized=False, notes=notes)
     p_ids = []
     templated = df["prompt_is_templated"].tolist() if "prompt_is_templated" in df.columns else [False] * len(df)
     for prompt, is_templated in zip(df["prompt"].tolist(), templated):
-        msgs = _as_messages(prompt) or [{"role": "user", "content": str(prompt)}]
+        msgs = as_messages(prompt) or [{"role": "user", "content": str(prompt)}]
         if is_templated:  # e.g. verl dumps: the text already went through the chat template
             ids = tokenizer(str(prompt), add_special_tokens=False)["input_ids"]
-        elif getattr(tokenizer, "chat_template", None):
-            enc = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-            ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
         else:
-            ids = tokenizer("\n".join(m["content"] for m in msgs), add_special_tokens=True)["input_ids"]
+            ids = chat_prompt_ids(tokenizer, msgs)
         p_ids.append([int(x) for x in ids])
     r_ids = [tokenizer(str(r), add_special_tokens=False)["input_ids"] for r in df["response"].tolist()]
     for i, ids in enumerate(r_ids):
         if not ids:
-            raise RolloutError(f"{path}: row {i}: empty response after tokenisation")
+            raise InputError(f"{path}: row {i}: empty response after tokenisation")
     notes.append("token ids were re-tokenised from text (lossy): provide prompt_ids/response_ids for exact ids")
     return Tokenized(p_ids, [list(map(int, r)) for r in r_ids], retokenized=True, notes=notes)
 
@@ -177,8 +119,50 @@ def old_logp_grid(df: pd.DataFrame, lengths: list[int], path: str | Path = "<rol
     for i, (vals, n) in enumerate(zip(df["old_logp"].tolist(), lengths)):
         vals = np.array(vals, dtype=np.float64)
         if len(vals) != n:
-            raise RolloutError(f"{path}: row {i}: old_logp has {len(vals)} values for {n} response tokens")
+            raise InputError(f"{path}: row {i}: old_logp has {len(vals)} values for {n} response tokens")
         if not np.isfinite(vals).all():
-            raise RolloutError(f"{path}: row {i}: old_logp has a non-finite value")
+            raise InputError(f"{path}: row {i}: old_logp has a non-finite value")
         out[i, :n] = torch.as_tensor(vals, dtype=torch.float32)
     return out
+
+
+# verl ``trainer.rollout_data_dir`` dumps: ``{step}.jsonl`` lines with ``input`` (the prompt text,
+# already chat-templated), ``output``, ``gts``, ``score``, ``step``.
+
+VERL_DUMP_COLUMNS = ("input", "output", "score")
+
+
+def is_verl_dump(df: pd.DataFrame) -> bool:
+    """True when a JSONL frame has verl's rollout-dump columns (input, output, score)."""
+    return all(c in df.columns for c in VERL_DUMP_COLUMNS) and "response" not in df.columns
+
+
+def from_verl_dump(df: pd.DataFrame, path: str | Path) -> pd.DataFrame:
+    """Convert a verl dump frame into our rollout columns. ``input`` is already templated text, so
+    the prompt is marked ``prompt_is_text_templated`` and tokenised without a chat template."""
+    missing = [c for c in VERL_DUMP_COLUMNS if c not in df.columns]
+    if missing:
+        raise InputError(f"{path}: verl dump lacks column(s): {', '.join(missing)}")
+    out = pd.DataFrame({
+        "prompt": df["input"].astype(str),
+        "response": df["output"].astype(str),
+        "reward": pd.to_numeric(df["score"], errors="coerce"),
+    })
+    if "gts" in df.columns:
+        out["ground_truth"] = df["gts"].astype(str)
+    if "step" in df.columns:
+        out["step"] = df["step"]
+    out["prompt_is_templated"] = True
+    return out
+
+
+def read_verl_dump_dir(folder: str | Path, step: int | None = None) -> pd.DataFrame:
+    """Rollouts of one step (default: the last) from a verl ``rollout_data_dir``."""
+    folder = Path(folder)
+    files = sorted((int(p.stem), p) for p in folder.glob("*.jsonl") if p.stem.isdigit())
+    if not files:
+        raise InputError(f"{folder}: no {{step}}.jsonl files (not a verl rollout_data_dir)")
+    chosen = dict(files).get(step) if step is not None else files[-1][1]
+    if chosen is None:
+        raise InputError(f"{folder}: no {step}.jsonl (steps present: {', '.join(str(s) for s, _ in files)})")
+    return from_verl_dump(read_table(chosen), chosen)

@@ -14,22 +14,20 @@ import pandas as pd
 import yaml
 
 
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "item"):
-        return o.item()
+def json_ready(o: Any) -> Any:
+    """Plain JSON values: tensors and numpy scalars/arrays unpacked, paths as text, containers
+    recursed, and non-finite floats (NaN, ±inf) as ``None`` — this project's one convention for
+    non-finite numbers in JSON (read back with :func:`entropy_lens.io.tables.finite_or_nan`)."""
+    if isinstance(o, dict):
+        return {str(k): json_ready(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [json_ready(v) for v in o]
     if isinstance(o, Path):
         return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def _clean(o: Any) -> Any:
-    """NaN/inf -> None so that summary.json is strict JSON."""
+    if hasattr(o, "tolist") and not isinstance(o, (str, bytes)):  # tensors, numpy arrays and scalars
+        return json_ready(o.tolist())
     if isinstance(o, float) and not math.isfinite(o):
         return None
-    if isinstance(o, dict):
-        return {k: _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
     return o
 
 
@@ -71,12 +69,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """Strict JSON (NaN written as null), indented."""
-    text = json.dumps(_clean(obj), indent=2, default=_json_default, allow_nan=False)
+    text = json.dumps(json_ready(obj), indent=2, allow_nan=False)
     atomic_write_bytes(path, (text + "\n").encode())
 
 
 def atomic_write_yaml(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, yaml.safe_dump(_clean(json.loads(json.dumps(obj, default=_json_default))), sort_keys=False).encode())
+    """YAML (config.yaml) of plain values (:func:`json_ready`), keys in the given order."""
+    atomic_write_bytes(path, yaml.safe_dump(json_ready(obj), sort_keys=False).encode())
 
 
 def atomic_write_parquet(path: str | Path, frame: pd.DataFrame) -> None:

@@ -14,7 +14,7 @@ import functools
 
 import torch
 
-from ..logits import LogitStats, logit_stats
+from entropy_lens.logits import LogitStats, logit_stats
 
 __all__ = ["logit_stats_auto", "fused_logit_stats", "triton_available"]
 
@@ -51,7 +51,7 @@ def logit_stats_auto(
     ``ValueError`` for bad input (the kernel re-runs the torch path when its output is non-finite).
     """
     if _use_triton(logits):
-        from .triton_logits import logit_stats_triton
+        from entropy_lens.kernels.triton_logits import logit_stats_triton
 
         return logit_stats_triton(logits, token_ids, temperature)
     return logit_stats(logits, token_ids, temperature, chunk_rows=chunk_rows, consume=consume)
@@ -66,6 +66,6 @@ def fused_logit_stats(
 ) -> LogitStats:
     """:class:`LogitStats` of the logits ``hidden`` [N, D] · ``weight`` [V, D]ᵀ at τ without keeping
     them; see :func:`entropy_lens.kernels.fused.fused_logit_stats`."""
-    from .fused import fused_logit_stats as _fused
+    from entropy_lens.kernels.fused import fused_logit_stats as _fused
 
     return _fused(hidden, weight, token_ids, temperature, chunk_rows)

@@ -21,7 +21,7 @@ import re
 
 import torch
 
-from ..logits import LogitStats, default_chunk_rows, logit_stats
+from entropy_lens.logits import LogitStats, default_chunk_rows, logit_stats
 
 #: Default tiles: rows per program, vocabulary columns per tile, slice of D per MMA step, warps,
 #: pipeline stages. The benchmark sweeps alternatives.
@@ -84,7 +84,12 @@ def _triton_available() -> bool:
 
 
 if triton is not None:
-    from .triton_logits import _M_INIT, _online_update, _num_sms, combine_partials
+    from entropy_lens.kernels.triton_logits import (
+        _M_INIT,
+        _num_sms,
+        _online_update,
+        combine_partials,
+    )
 
     @triton.jit
     def _fused_kernel(

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..logits import LogitStats, logit_stats
+from entropy_lens.logits import LogitStats, logit_stats
 
 #: Initial running maximum: finite (so rescaling factors never see ``-inf − (−inf)``) and below
 #: any real logit / τ.

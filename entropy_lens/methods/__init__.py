@@ -1,6 +1,6 @@
 """Entropy-intervention methods: a registry of small pure functions and the one objective.
 
-Contract (DESIGN.md "Core contracts"): a method is registered with
+Contract (docs/science.md §4.2): a method is registered with
 
     @register_method("name", summary="one line", factors=("clip", ...), params=SomeParams)
     def name(batch: TokenBatch, params: SomeParams, ctx: MethodContext) -> MethodTerms: ...
@@ -11,16 +11,16 @@ Contract (DESIGN.md "Core contracts"): a method is registered with
 override, an optional :class:`Penalty` and ``touched``/``stats``. :func:`method_loss` is the one
 place that turns terms into a loss (via :mod:`entropy_lens.objective`).
 
-Registered methods (SCIENCE.md §4): ``grpo``, ``clip_higher``, ``entropy_bonus``, ``fork_tokens``,
+Registered methods (docs/science.md §4.3): ``grpo``, ``clip_higher``, ``entropy_bonus``, ``fork_tokens``,
 ``w_reinforce``, ``entropy_adv``, ``clip_cov``, ``kl_cov``, ``steer``.
 """
 
 from __future__ import annotations
 
-from . import baselines as _baselines  # noqa: F401  (registers the methods)
-from . import covariance as _covariance  # noqa: F401
-from . import steer as _steer  # noqa: F401
-from .base import (
+from entropy_lens.methods import baselines as _baselines  # noqa: F401  (registers the methods)
+from entropy_lens.methods import covariance as _covariance  # noqa: F401
+from entropy_lens.methods import steer as _steer  # noqa: F401
+from entropy_lens.methods.base import (
     FACTORS,
     GRPO_DUAL_CLIP,
     GRPO_EPS_HIGH,
@@ -42,7 +42,7 @@ from .base import (
     register_method,
     unregister_method,
 )
-from .baselines import (
+from entropy_lens.methods.baselines import (
     ClipHigherParams,
     EntropyAdvParams,
     EntropyBonusParams,
@@ -51,9 +51,9 @@ from .baselines import (
     WReinforceParams,
     entropy_shaped_advantage,
 )
-from .covariance import ClipCovParams, KLCovParams, scoped_cov_term
-from .loss import method_loss, method_per_token_loss
-from .steer import SteerParams, steer_omega, steer_weights
+from entropy_lens.methods.covariance import ClipCovParams, KLCovParams, scoped_cov_term
+from entropy_lens.methods.loss import method_loss, method_per_token_loss
+from entropy_lens.methods.steer import SteerParams, steer_omega, steer_weights
 
 __all__ = [
     "FACTORS",

@@ -12,20 +12,20 @@ import dataclasses
 import math
 import re
 import typing
-from dataclasses import replace, dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable
 
 import torch
 
-from ..tokens import TokenBatch
+from entropy_lens.tokens import TokenBatch
 
-#: The four factors of SCIENCE.md §2 a method can act on (for the factor matrix).
+#: The four factors of docs/science.md §2.9 a method can act on (for the factor matrix).
 FACTORS = ("clip", "advantage", "probability", "entropy")
 
-#: Normalisation scopes (SCIENCE.md §3): the micro-batch, the mini-batch, the whole batch.
+#: Normalisation scopes (docs/science.md §3.3): the micro-batch, the mini-batch, the whole batch.
 SCOPES = ("micro", "mini", "batch")
 
-#: The GRPO clip defaults (SCIENCE.md §4, first row): ε_low = ε_high = 0.2, dual-clip c = 3.
+#: The GRPO clip defaults (docs/science.md §4.1): ε_low = ε_high = 0.2, dual-clip c = 3.
 GRPO_EPS_LOW = 0.2
 GRPO_EPS_HIGH = 0.2
 GRPO_DUAL_CLIP = 3.0
@@ -115,7 +115,7 @@ class MethodParams:
 
 @dataclass(frozen=True)
 class ClipParams(MethodParams):
-    """PPO-clip bounds shared by every method (SCIENCE.md §4: GRPO ε 0.2/0.2, dual-clip 3).
+    """PPO-clip bounds shared by every method (docs/science.md §4.1: GRPO ε 0.2/0.2, dual-clip 3).
 
     ``eps_low``/``eps_high`` ≥ 0 (``inf`` switches that side of the clip off); ``dual_clip`` is
     ``None`` (off) or > 1.

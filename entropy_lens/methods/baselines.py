@@ -1,4 +1,4 @@
-"""GRPO and the simple interventions of SCIENCE.md §4: clip-higher, entropy bonus, fork tokens,
+"""GRPO and the simple interventions of docs/science.md §4.3: clip-higher, entropy bonus, fork tokens,
 W-REINFORCE and the entropy-aware advantage."""
 
 from __future__ import annotations
@@ -7,9 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..objective import clip_active
-from ..tokens import TokenBatch
-from .base import (
+from entropy_lens.methods.base import (
     GRPO_DUAL_CLIP,
     GRPO_EPS_HIGH,
     GRPO_EPS_LOW,
@@ -22,7 +20,13 @@ from .base import (
     check_range,
     register_method,
 )
-from .scopes import fraction_count, scope_count, select_top_per_scope
+from entropy_lens.methods.scopes import (
+    fraction_count,
+    scope_count,
+    select_top_per_scope,
+)
+from entropy_lens.objective import clip_active
+from entropy_lens.tokens import TokenBatch
 
 
 def clip_changed(

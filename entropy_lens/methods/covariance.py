@@ -19,10 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..estimators import cov_term
-from ..objective import clip_active
-from ..tokens import TokenBatch
-from .base import (
+from entropy_lens.estimators import cov_term
+from entropy_lens.methods.base import (
     SCOPES,
     ClipParams,
     MethodContext,
@@ -32,8 +30,15 @@ from .base import (
     check_range,
     register_method,
 )
-from .baselines import clip_changed, plain_terms, valid_mean
-from .scopes import fraction_count, n_scopes, scope_count, select_top_per_scope
+from entropy_lens.methods.baselines import clip_changed, plain_terms, valid_mean
+from entropy_lens.methods.scopes import (
+    fraction_count,
+    n_scopes,
+    scope_count,
+    select_top_per_scope,
+)
+from entropy_lens.objective import clip_active
+from entropy_lens.tokens import TokenBatch
 
 
 def scoped_cov_term(logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, seq_scope: torch.Tensor) -> torch.Tensor:

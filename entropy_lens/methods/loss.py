@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ..objective import aggregate, clipped_surrogate
-from .base import MethodTerms
+from entropy_lens.methods.base import MethodTerms
+from entropy_lens.objective import aggregate, clipped_surrogate
 
 
 def method_per_token_loss(
@@ -52,7 +52,7 @@ def method_loss(
 ) -> torch.Tensor:
     """Scalar loss of a method's terms, aggregated by :func:`entropy_lens.objective.aggregate`.
 
-    STEER (SCIENCE.md §3): token-mean over valid tokens, weights not renormalised — which is what
+    STEER (docs/science.md §3.4): token-mean over valid tokens, weights not renormalised — which is what
     this does with the default ``agg_mode``.
     """
     per_tok = method_per_token_loss(terms, logp, old_logp, adv, mask, entropy)

@@ -1,4 +1,4 @@
-"""STEER: per-token weights from the predicted entropy change (arXiv 2510.10150; SCIENCE.md §3).
+"""STEER: per-token weights from the predicted entropy change (arXiv 2510.10150; docs/science.md §3).
 
 Each valid token gets a weight λ ∈ [λ_min, λ_max] (no gradient) that multiplies its clipped
 surrogate; the loss stays a token-mean over valid tokens, weights not renormalised.
@@ -31,10 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..estimators import omega_code, omega_paper
-from ..objective import clip_active
-from ..tokens import TokenBatch
-from .base import (
+from entropy_lens.estimators import omega_code, omega_paper
+from entropy_lens.methods.base import (
     SCOPES,
     ClipParams,
     MethodContext,
@@ -43,8 +41,10 @@ from .base import (
     check_range,
     register_method,
 )
-from .baselines import clip_changed, plain_terms, valid_mean
-from .scopes import scope_max, scope_min
+from entropy_lens.methods.baselines import clip_changed, plain_terms, valid_mean
+from entropy_lens.methods.scopes import scope_max, scope_min
+from entropy_lens.objective import clip_active
+from entropy_lens.tokens import TokenBatch
 
 #: Floor on max|ω| in the exp mapping's rate k (reference code).
 OMEGA_FLOOR = 0.02

@@ -5,7 +5,7 @@ steps of a tiny model on synthetic arithmetic and writes ``metrics.jsonl``, roll
 checkpoints; see docs/trainer.md.
 """
 
-from .config import (
+from entropy_lens.train.config import (
     PRESETS,
     TrainConfig,
     apply_overrides,
@@ -16,8 +16,13 @@ from .config import (
     parse_set_items,
     validate_config,
 )
-from .loop import TrainingDiverged, load_run_config, rl_step, train
-from .metrics import METRIC_KEYS, check_record, pass_at_k, read_metrics
+from entropy_lens.train.loop import TrainingDiverged, load_run_config, rl_step, train
+from entropy_lens.train.metrics import (
+    METRIC_KEYS,
+    check_record,
+    pass_at_k,
+    read_metrics,
+)
 
 __all__ = [
     "METRIC_KEYS",

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..io.writers import atomic_write_json, temp_dir
+from entropy_lens.io.writers import atomic_write_json, temp_dir
 
 CKPT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d{6,})$")

@@ -16,9 +16,10 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from ..methods import get_method, params_from_dict
-from ..objective import AGG_MODES
-from ..advantages import ADVANTAGES
+from entropy_lens.advantages import ADVANTAGES
+from entropy_lens.methods import get_method, params_from_dict
+from entropy_lens.overrides import parse_set_items, parse_value, split_method_keys
+from entropy_lens.objective import AGG_MODES
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TaskConfig:
     """``name``: ``arithmetic`` or ``gsm8k``. Arithmetic: ``digits`` per operand, ``n_operands``,
-    ``ops`` (subset of ``+-*``). GSM8K: ``path`` (None: shipped/shared problems), ``grader``
+    ``ops`` (subset of ``+-*``). GSM8K: ``path`` (None: shipped problems, else $ENTROPY_LENS_DATA), ``grader``
     (``math`` | ``dapo``). ``reward``: ``task`` (the task's verifier) or ``module:function``.
     ``convention``: ``pm1`` (+1/−1) or ``01``. ``max_new_tokens``: 0 = the task's default."""
 
@@ -207,21 +208,6 @@ def list_presets() -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def parse_value(text: str) -> Any:
-    """Untyped ``--set`` value: true/false, none/null, int, float (incl. inf), else the string."""
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for conv in (int, float):
-        try:
-            return conv(text.strip())
-        except ValueError:
-            pass
-    return text
-
-
 def _coerce(key: str, text: Any, hint: Any) -> Any:
     """Convert an override value to the field's annotated type (``X | None``, int, float, bool,
     str, tuple[int, ...])."""
@@ -261,13 +247,16 @@ def _coerce(key: str, text: Any, hint: Any) -> Any:
 def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
     """``{"optim.lr": "3e-4", "method.lambda_min": "0.7", "seed": 1}`` applied to ``cfg``.
 
-    Keys: ``<section>.<field>``, a top-level field (:data:`TOP_LEVEL`), or ``method.<param>``.
+    Keys (:mod:`entropy_lens.overrides`): ``<section>.<field>``, a top-level field
+    (:data:`TOP_LEVEL`), or ``<method>.<param>`` / ``method.<param>`` for the run's own method.
     Values may be strings (parsed for the field's type) or already typed.
     """
     hints = typing.get_type_hints(TrainConfig)
     top: dict[str, Any] = {}
     sections: dict[str, dict[str, Any]] = {}
     mparams = dict(cfg.method_params)
+    by_method, overrides = split_method_keys(overrides, [cfg.method], own=cfg.method)
+    mparams.update(by_method.get(cfg.method, {}))
     for key, value in overrides.items():
         head, dot, rest = key.partition(".")
         if not dot:
@@ -277,8 +266,6 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
                     f"method.<param> or <section>.<field> with section in {', '.join(SECTIONS)}"
                 )
             top[head] = _coerce(key, value, hints[head])
-        elif head == "method":
-            mparams[rest] = parse_value(value) if isinstance(value, str) else value
         elif head in SECTIONS:
             sec_cls = type(getattr(cfg, head))
             sec_hints = typing.get_type_hints(sec_cls)
@@ -288,7 +275,7 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
             sections.setdefault(head, {})[rest] = _coerce(key, value, sec_hints[rest])
         else:
             raise ValueError(
-                f"unknown config section {head!r} in {key!r}; valid: method, {', '.join(SECTIONS)}"
+                f"unknown config section {head!r} in {key!r}; valid: {cfg.method} (or method), {', '.join(SECTIONS)}"
             )
     new = replace(cfg, **top, **{s: replace(getattr(cfg, s), **v) for s, v in sections.items()})
     return replace(new, method_params=tuple(sorted(mparams.items())))
@@ -314,17 +301,6 @@ def build_config(
         cfg = replace(cfg, steps=int(steps))
     validate_config(cfg)
     return cfg
-
-
-def parse_set_items(items: list[str]) -> dict[str, str]:
-    """``["a.b=v", ...]`` → ``{"a.b": "v"}``; a malformed item is a ``ValueError``."""
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set expects KEY=VALUE (e.g. optim.lr=1e-4), got {item!r}")
-        out[key.strip()] = value.strip()
-    return out
 
 
 def validate_config(cfg: TrainConfig) -> None:

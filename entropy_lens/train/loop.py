@@ -6,14 +6,14 @@ Each RL step (:func:`rl_step`):
    ``generate``: :func:`generate_ids`);
 2. score them with the verifiable reward; group-normalised advantages
    (:func:`entropy_lens.advantages.compute_advantages`);
-3. old log-probs and entropies of every response token, no grad (:func:`entropy_lens.forward.response_stats`);
+3. old log-probs and entropies of every response token, no grad (:func:`entropy_lens.model.forward.response_stats`);
 4. ``ppo_epochs`` × ``mini_batches`` updates (:func:`update_minibatch`): the current statistics of
    the mini-batch → the chosen registry method's terms (:func:`entropy_lens.methods.apply_method`)
    → the one objective (:func:`entropy_lens.methods.method_loss`) → one optimizer step;
 5. re-forward the same batch: measured ΔH = H(after) − H(before) per token; the closed-form
-   predictions (:func:`entropy_lens.validate.closed_form_columns`, made at each update with the
+   predictions (:func:`entropy_lens.estimators.closed_form_columns`, made at each update with the
    method's effective coefficient, η and that mini-batch's L) and the parameter-space
-   ∇_θH·Δθ of the whole step (:func:`entropy_lens.validate.jvp_prediction`);
+   ∇_θH·Δθ of the whole step (:func:`entropy_lens.model.jvp.jvp_prediction`);
 6. one line of ``metrics.jsonl``, the rollouts, a checkpoint every k steps.
 
 :func:`train` runs SFT warm-up (arithmetic task), then the RL steps, with resume from the last
@@ -33,18 +33,48 @@ from typing import Any, Callable, Iterator
 import pandas as pd
 import torch
 
-from .. import estimators as est
-from ..advantages import broadcast_to_tokens, compute_advantages
-from ..forward import PackedBatch, pack, response_logp_entropy, response_stats
-from ..io.writers import atomic_write_json, atomic_write_parquet, atomic_write_yaml, temp_dir, versions
-from ..measure import make_optimizer, snapshot, trainable_params
-from ..methods import MethodTerms, apply_method, make_context, method_loss, params_from_dict
-from ..tokens import TokenBatch
-from ..validate import ValidateSettings, closed_form_columns, jvp_prediction
-from . import checkpoint as ckpt
-from . import metrics as mx
-from .config import TrainConfig, config_diff, config_from_dict, config_to_dict, parse_value
-from .tasks import ArithmeticTask, GSM8KTask, Problem, resolve_reward, score_responses, sft_batch
+from entropy_lens import estimators as est
+from entropy_lens.advantages import broadcast_to_tokens, compute_advantages
+from entropy_lens.io.writers import (
+    atomic_write_json,
+    atomic_write_parquet,
+    atomic_write_yaml,
+    temp_dir,
+    versions,
+)
+from entropy_lens.methods import (
+    apply_method,
+    make_context,
+    method_loss,
+    params_from_dict,
+)
+from entropy_lens.model.forward import (
+    PackedBatch,
+    pack,
+    response_logp_entropy,
+    response_stats,
+)
+from entropy_lens.model.generate import generate
+from entropy_lens.model.jvp import jvp_prediction
+from entropy_lens.model.update import make_optimizer, snapshot, trainable_params
+from entropy_lens.tokens import TokenBatch
+from entropy_lens.train import checkpoint as ckpt
+from entropy_lens.train import metrics as mx
+from entropy_lens.train.config import (
+    TrainConfig,
+    config_diff,
+    config_from_dict,
+    config_to_dict,
+    parse_value,
+)
+from entropy_lens.train.tasks import (
+    ArithmeticTask,
+    GSM8KTask,
+    Problem,
+    resolve_reward,
+    score_responses,
+    sft_batch,
+)
 
 Progress = Callable[[str, dict[str, Any]], None]
 
@@ -115,7 +145,7 @@ def load_model_and_task(cfg: TrainConfig, from_checkpoint: Path | None = None):
         return model, tok.to_hf(), task
     if src == "tiny":
         raise ValueError(f"task.name={cfg.task.name} needs a pretrained model (model.source=bundled or a folder)")
-    from ..io.models import load_model
+    from entropy_lens.model.load import load_model
 
     path = from_checkpoint if from_checkpoint is not None else (None if src == "bundled" else src)
     model, tok = load_model(path, attn_implementation=cfg.model.attn)
@@ -127,41 +157,16 @@ def load_model_and_task(cfg: TrainConfig, from_checkpoint: Path | None = None):
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def generate_ids(
     model, tok, prompts: list[list[int]], n: int, max_new_tokens: int, batch_size: int,
     temperature: float | None = None, seed: int = 0,
 ) -> list[tuple[int, list[int]]]:
     """``n`` responses per prompt, prompt-major: ``(prompt index, response ids up to and including
-    the first EOS)``. ``temperature=None``: greedy; else sampling from the full softmax at τ (top-k
-    and top-p off) after ``torch.manual_seed(seed)``.
-
-    The same ``generate`` call as :func:`entropy_lens.sampling.sample_responses` (so the same
-    tokens for the same seed) without its per-sample log-prob pass: the trainer recomputes
-    ``old_logp`` for the whole batch anyway. Measured on ``arithmetic-tiny`` (128 responses per
-    step, one thread) the per-sample pass cost as much as ``generate`` itself.
-    """
-    eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-    sample = temperature is not None
-    if sample:
-        torch.manual_seed(seed)
-    jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
-    out: list[tuple[int, list[int]]] = []
-    for k in range(0, len(jobs), batch_size):
-        chunk = jobs[k : k + batch_size]
-        width = max(len(p) for _, p in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for r, (_, p) in enumerate(chunk):  # left padding (per prompt: packing only)
-            ids[r, width - len(p):] = torch.as_tensor(p)
-            attn[r, width - len(p):] = 1
-        kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
-        gen = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                             eos_token_id=eos, **kw)
-        for (i, _), row in zip(chunk, gen[:, width:].tolist()):
-            out.append((i, row[: row.index(eos) + 1] if eos in row else row))
-    return out
+    the first EOS)``; :func:`entropy_lens.model.generate.generate` without the per-sample log-prob
+    pass (the trainer recomputes ``old_logp`` for the whole batch; measured on ``arithmetic-tiny``
+    the per-sample pass cost as much as ``generate`` itself). ``temperature=None``: greedy."""
+    outs = generate(model, tok, prompts, n, max_new_tokens, batch_size, temperature, seed)
+    return [(o["prompt_index"], o["response_ids"]) for o in outs]
 
 
 def eval_accuracy(model, task, batch_size: int) -> float:
@@ -243,7 +248,8 @@ def warm_start(model, task, cfg: TrainConfig, gen: torch.Generator, progress: Pr
     (weights as safetensors, bit-identical to running the warm-up again)."""
     import json
 
-    from safetensors.torch import load_model as st_load, save_model as st_save
+    from safetensors.torch import load_model as st_load
+    from safetensors.torch import save_model as st_save
 
     cache = None
     if cfg.sft.steps and cfg.sft.cache_dir:
@@ -299,19 +305,6 @@ def _micro_share(mode: str, mask: torch.Tensor, rows: slice) -> float:
     return float(sub.any(-1).sum()) / max(float(mask.any(-1).sum()), 1.0)
 
 
-def effective_coefficient(terms: MethodTerms, batch: TokenBatch) -> torch.Tensor:
-    """The coefficient multiplying ∂ log p in the method's gradient: w·A' (A' the method's advantage)
-    plus a log-p-only penalty folded in as −g/r (g = ∂penalty/∂log p; KL-Cov). The entropy bonus
-    acts on the whole distribution and is not part of it (the closed forms do not cover it)."""
-    a = terms.adv if terms.adv is not None else batch.adv
-    coef = terms.weight.to(a.dtype) * a
-    if terms.penalty is not None:
-        g = terms.penalty.dlogp(batch.logp, batch.old_logp)
-        if g is not None:
-            coef = coef - g / batch.ratio
-    return torch.where(batch.mask, coef, torch.zeros((), dtype=coef.dtype))
-
-
 def update_minibatch(
     model,
     optimizer: torch.optim.Optimizer,
@@ -346,10 +339,11 @@ def update_minibatch(
     terms = apply_method(cfg.method, batch, method_params, ctx)
 
     # closed-form predictions of this update (token-mean: L = this mini-batch's valid tokens)
-    coef = effective_coefficient(terms, batch)
-    cols = closed_form_columns(batch.replace(adv=coef), o.lr, terms.eps_low, terms.eps_high, terms.dual_clip)
-    preds = {k: cols[k] for k in ("omega_paper", "dh_all_logit", "dh_cov")}
     a = terms.adv if terms.adv is not None else adv
+    g = terms.penalty.dlogp(batch.logp, batch.old_logp) if terms.penalty is not None else None
+    coef = est.effective_coefficient(terms.weight, a, mask, batch.ratio, g)
+    cols = est.closed_form_columns(batch.replace(adv=coef), o.lr, terms.eps_low, terms.eps_high, terms.dual_clip)
+    preds = {k: cols[k] for k in ("omega_paper", "dh_all_logit", "dh_cov")}
     r = batch.ratio
     clip_hi = mask & (a > 0) & (r > 1 + torch.as_tensor(terms.eps_high))
     clip_lo = mask & (a < 0) & (r < 1 - torch.as_tensor(terms.eps_low))
@@ -446,8 +440,7 @@ def rl_step(step: int, model, task, cfg: TrainConfig, optimizer, gens: dict[str,
     if cfg.log.jvp_every and step % cfg.log.jvp_every == 0:
         with torch.no_grad():
             delta = {k: p.detach() - theta[k] for k, p in trainable_params(model).items()}
-        settings = ValidateSettings(temperature=T, micro_batch=o.micro_batch or B)
-        dh_jvp = float(jvp_prediction(model, packed, theta, delta, settings)[mask].double().sum())
+        dh_jvp = float(jvp_prediction(model, packed, theta, delta, T, o.micro_batch or B)[mask].double().sum())
     del theta
 
     record = dict(

@@ -21,7 +21,8 @@ from typing import Any, Iterable
 
 import torch
 
-from ..io.writers import atomic_write_bytes
+from entropy_lens import scoring
+from entropy_lens.io.writers import atomic_write_bytes
 
 METRIC_KEYS = (
     "step", "method", "seed", "reward_mean", "accuracy", "entropy_mean", "clip_frac_high", "clip_frac_low",
@@ -81,17 +82,14 @@ def quadrant_table(
     quadrant: torch.Tensor, mask: torch.Tensor, dh_pred: torch.Tensor, dh_measured: torch.Tensor
 ) -> dict[str, dict[str, float]]:
     """Per quadrant Q1..Q4: share of the valid tokens and the sums of predicted and measured ΔH
-    (nats). ``quadrant`` ``[B, T]`` int (0 = A = 0, not reported), the rest ``[B, T]``."""
-    n = max(int(mask.sum()), 1)
-    out = {}
-    for q, name in enumerate(QUADRANTS, start=1):  # four quadrants
-        sel = mask & (quadrant == q)
-        out[name] = {
-            "token_share": int(sel.sum()) / n,
-            "dh_pred": float(dh_pred[sel].double().sum()),
-            "dh_measured": float(dh_measured[sel].double().sum()),
-        }
-    return out
+    (nats). ``quadrant`` ``[B, T]`` int (0 = A = 0, not reported), the rest ``[B, T]``
+    (:func:`entropy_lens.scoring.quadrant_table` on the valid tokens)."""
+    table = scoring.quadrant_table(
+        quadrant[mask].cpu().numpy(),
+        {"dh_pred": dh_pred[mask].double().cpu().numpy(), "dh_measured": dh_measured[mask].double().cpu().numpy()},
+        QUADRANTS,
+    )
+    return {q: {k: row[k] for k in QUADRANT_KEYS} for q, row in table.items()}
 
 
 def make_record(**values: Any) -> dict[str, Any]:

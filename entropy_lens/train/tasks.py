@@ -6,7 +6,8 @@ prompt of a task has the same length), ``n_operands`` of them joined by the oper
 The verifier compares the decoded response (special tokens removed) with the exact answer.
 
 ``gsm8k``: GSM8K problems (``problem``, ``answer``) for the bundled chat model, graded with
-:mod:`entropy_lens.rewards` (Math-Verify or the DAPO string rule).
+:mod:`entropy_lens.rewards` (Math-Verify or the DAPO string rule). Problems come from ``task.path``,
+else the shipped ``entropy_lens/data/gsm8k_demo.parquet``, else ``$ENTROPY_LENS_DATA/gsm8k_test.parquet``.
 
 A task exposes ``train_problems`` / ``eval_problems`` (lists of :class:`Problem`), ``prompt_ids``
 and a reward function ``(response_text, answer) -> float``.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,8 +201,8 @@ class GSM8KTask:
 
     def __init__(self, tokenizer, path: str | None = None, eval_size: int = 8, reward: str = "math",
                  convention: str = "pm1", instruction: str | None = None, max_new_tokens: int = 128):
-        from ..rewards import CONVENTIONS, get_reward_fn
-        from ..sampling import DEFAULT_INSTRUCTION
+        from entropy_lens.io.prompts import DEFAULT_INSTRUCTION
+        from entropy_lens.rewards import CONVENTIONS, get_reward_fn
 
         self.tokenizer = tokenizer
         self._grade = get_reward_fn(reward)
@@ -220,7 +222,7 @@ class GSM8KTask:
         self.train_problems = problems[eval_size:]
 
     def prompt_ids(self, problem: Problem) -> list[int]:
-        from ..sampling import chat_prompt_ids
+        from entropy_lens.io.prompts import chat_prompt_ids
 
         return chat_prompt_ids(self.tokenizer, [{"role": "user", "content": f"{problem.text}\n\n{self.instruction}"}])
 
@@ -235,13 +237,26 @@ class GSM8KTask:
         return self._max_new
 
 
+#: Environment variable naming a folder of verl-schema datasets (the unshipped GSM8K test set).
+DATA_ENV = "ENTROPY_LENS_DATA"
+#: File of the GSM8K test set inside ``$ENTROPY_LENS_DATA``.
+GSM8K_TEST_FILE = "gsm8k_test.parquet"
+
+
 def default_gsm8k_path() -> Path:
-    """``entropy_lens/data/gsm8k_demo.parquet`` when shipped, else the shared GSM8K test set."""
-    from ..data import DEMO_PROBLEMS
+    """GSM8K problems when ``task.path`` is not given: the shipped ``entropy_lens/data/gsm8k_demo.parquet``,
+    else ``$ENTROPY_LENS_DATA/gsm8k_test.parquet``; neither → ``ValueError`` saying how to give one."""
+    from entropy_lens.data import DEMO_PROBLEMS
 
     if DEMO_PROBLEMS.is_file():
         return DEMO_PROBLEMS
-    return Path("/work/shared/datasets/gsm8k_test.parquet")
+    root = os.environ.get(DATA_ENV, "").strip()
+    if root:
+        return Path(root).expanduser() / GSM8K_TEST_FILE
+    raise ValueError(
+        f"no GSM8K problems: {DEMO_PROBLEMS.name} is not installed in entropy_lens/data; give a problem file "
+        f"with --set task.path=FILE or set {DATA_ENV} to a folder holding {GSM8K_TEST_FILE}"
+    )
 
 
 def load_gsm8k_problems(path: str | Path | None = None) -> list[Problem]:
@@ -250,7 +265,8 @@ def load_gsm8k_problems(path: str | Path | None = None) -> list[Problem]:
 
     p = Path(path) if path else default_gsm8k_path()
     if not p.is_file():
-        raise ValueError(f"{p}: no such GSM8K problem file")
+        hint = f" (from {DATA_ENV}; set task.path=FILE or {DATA_ENV}=DIR)" if not path else ""
+        raise ValueError(f"{p}: no such GSM8K problem file{hint}")
     try:
         df = pd.read_parquet(p)
     except Exception as exc:  # pyarrow raises several types on a corrupt file

@@ -1,8 +1,7 @@
-"""The `entropy-lens` command line (thin: parse, call the library, print, write files)."""
+"""`entropy-lens validate`: the estimators against the measured ΔH of one real optimizer step."""
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -10,13 +9,16 @@ from typing import Optional
 import typer
 
 from entropy_lens_cli.common import (
-    console, default_rollouts, err_console, estimator_table, fail, stage_progress, user_errors, write_run,
+    console,
+    default_rollouts,
+    estimator_table,
+    fail,
+    stage_progress,
+    user_errors,
+    write_run,
 )
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Entropy dynamics of RL with verifiable rewards.")
 
-
-@app.command()
 def validate(
     rollouts: Optional[Path] = typer.Option(None, "--rollouts", "-r", help="Rollouts (parquet/JSONL). Default: the shipped SmolLM2 GSM8K rollouts."),
     model: Optional[str] = typer.Option(None, "--model", help="HF model folder or verl checkpoint. Default: the bundled SmolLM2-135M-Instruct."),
@@ -33,8 +35,8 @@ def validate(
 ) -> None:
     """Estimators vs the measured ΔH of one real optimizer step (writes tokens.parquet, summary.json)."""
     from entropy_lens.io import rollouts as ro
-    from entropy_lens.io.models import load_model
-    from entropy_lens.validate import ValidateSettings, run_validate
+    from entropy_lens.model.load import load_model
+    from entropy_lens.pipelines.validate import ValidateSettings, run_validate
 
     with user_errors():
         if optimizer not in ("sgd", "adamw"):
@@ -72,37 +74,5 @@ def validate(
     console.print(f"wrote {out}/tokens.parquet, {out}/summary.json")
 
 
-#: Modules of entropy_lens_cli that add their commands with ``register(app)``.
-COMMAND_MODULES = ("compare_cmd", "sample_cmd", "analyze_cmd", "demo_cmd", "train_cmd", "plot_cmd", "report_cmd")
-
-
-def _register_commands() -> None:
-    import importlib
-
-    for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(f"entropy_lens_cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"entropy_lens_cli.{name}":
-                continue  # command module not part of this install
-            raise
-        mod.register(app)
-
-
-_register_commands()
-
-
-def main() -> None:
-    """Console-script entry point."""
-    from entropy_lens_cli.common import quiet_libraries
-
-    quiet_libraries()
-    try:
-        app()
-    except KeyboardInterrupt:
-        err_console.print("interrupted")
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()
+def register(app: typer.Typer) -> None:
+    app.command("validate")(validate)

@@ -50,7 +50,7 @@ def _strip_gguf_flag(config_json: Path) -> None:
     cfg = json.loads(config_json.read_text())
     if (cfg.get("quantization_config") or {}).get("quant_method") == "gguf":
         del cfg["quantization_config"]
-        from .writers import atomic_write_bytes
+        from entropy_lens.io.writers import atomic_write_bytes
 
         atomic_write_bytes(config_json, (json.dumps(cfg, indent=2) + "\n").encode())
 
@@ -69,7 +69,7 @@ def bundled_model_dir() -> Path:
     q = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     plain = AutoModelForCausalLM.from_config(q.config, dtype=torch.float32)
     plain.load_state_dict(q.state_dict())
-    from .writers import temp_dir
+    from entropy_lens.io.writers import temp_dir
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(target.parent, prefix=f".{BUNDLED_NAME}.")

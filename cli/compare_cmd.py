@@ -1,7 +1,7 @@
 """``entropy-lens compare`` and ``entropy-lens methods`` (thin: parsing, files, tables).
 
 The main app calls :func:`register` to add both commands. All numbers come from
-:func:`entropy_lens.compare.compare_methods` and the method registry.
+:func:`entropy_lens.pipelines.compare.compare_methods` and the method registry.
 """
 
 from __future__ import annotations
@@ -15,26 +15,29 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from entropy_lens.compare import COMPARE_ESTIMATORS, compare_methods, validate_tokens_frame
-from entropy_lens.methods import get_method, list_methods, params_from_dict, params_table
-from entropy_lens.train.config import parse_value
+from entropy_lens.methods import (
+    get_method,
+    list_methods,
+    params_from_dict,
+    params_table,
+)
+from entropy_lens.overrides import parse_set_items, split_method_keys
+from entropy_lens.pipelines.compare import (
+    COMPARE_ESTIMATORS,
+    compare_methods,
+    validate_tokens_frame,
+)
 from entropy_lens_cli.common import EXIT_USAGE, fail
 
 
 def parse_overrides(items: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
-    """``["steer.lambda_min=0.7", ...]`` → ``{"steer": {"lambda_min": 0.7}}``; ValueError (one line)
-    on a malformed item, an unknown method, a method not being compared, or an unknown key / bad
-    value (checked by constructing the parameters)."""
-    out: dict[str, dict[str, Any]] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        meth, dot, param = key.strip().partition(".")
-        if not sep or not dot or not meth or not param:
-            raise ValueError(f"--set expects METHOD.PARAM=VALUE, got {item!r}")
-        get_method(meth)
-        if meth not in methods:
-            raise ValueError(f"--set {key}: method {meth!r} is not being compared (add -m {meth})")
-        out.setdefault(meth, {})[param] = parse_value(value)
+    """``["steer.lambda_min=0.7", ...]`` → ``{"steer": {"lambda_min": 0.7}}`` (the one ``--set``
+    grammar, :mod:`entropy_lens.overrides`); ValueError (one line) on a malformed item, a method
+    not being compared, a config key (compare has none), or an unknown key / bad value."""
+    out, config = split_method_keys(parse_set_items(items), methods)
+    if config:
+        key = next(iter(config))
+        raise ValueError(f"--set {key}: compare takes METHOD.PARAM=VALUE with a registered method, e.g. steer.lambda_min=0.7")
     for meth, values in out.items():
         params_from_dict(meth, values)
     return out
@@ -161,10 +164,10 @@ def _measure(long_df, summary, tokens_df, methods, overrides, lr, seed, model, r
     """Measured ΔH of one real step per method, merged into ``long_df`` and ``summary``."""
     import numpy as np
 
-    from entropy_lens.compare_measure import measure_methods
-    from entropy_lens.io.models import load_model
     from entropy_lens.io.rollouts import load_rollouts
-    from entropy_lens.validate import ValidateSettings
+    from entropy_lens.model.load import load_model
+    from entropy_lens.pipelines.compare import measure_methods
+    from entropy_lens.pipelines.validate import ValidateSettings
     from entropy_lens_cli.common import default_rollouts, stage_progress, user_errors
 
     with user_errors():

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import typer
 
-from entropy_lens_cli.common import console, default_rollouts, estimator_table, stage_progress, user_errors, write_run
+from entropy_lens_cli.common import (
+    console,
+    default_rollouts,
+    estimator_table,
+    stage_progress,
+    user_errors,
+    write_run,
+)
 
 
 def demo(
@@ -23,15 +30,15 @@ def demo(
     The analyzed batch is the fresh samples plus the shipped rollouts of the same model on the same
     problems, so that it holds groups with mixed rewards (non-zero advantages) even when every
     fresh sample is wrong."""
-    from entropy_lens.analyze import AnalyzeSettings, run_analyze
-    from entropy_lens.compare import compare_methods
     from entropy_lens.io import rollouts as ro
     from entropy_lens.io.datasets import load_prompts
-    from entropy_lens.io.models import load_model
     from entropy_lens.io.writers import atomic_write_json, atomic_write_parquet
     from entropy_lens.methods import list_methods
-    from entropy_lens.sample import sample_rollouts
-    from entropy_lens.validate import ValidateSettings, run_validate
+    from entropy_lens.model.load import load_model
+    from entropy_lens.pipelines.analyze import AnalyzeSettings, run_analyze
+    from entropy_lens.pipelines.compare import compare_methods
+    from entropy_lens.pipelines.sample import sample_rollouts
+    from entropy_lens.pipelines.validate import ValidateSettings, run_validate
 
     t0 = time.time()
     with user_errors():

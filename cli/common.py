@@ -9,7 +9,14 @@ from typing import Iterator
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -121,7 +128,12 @@ def default_rollouts() -> Path:
 
 def write_run(out: Path, tokens, summary: dict, config: dict) -> None:
     """Write tokens.parquet, summary.json and config.yaml (each atomically)."""
-    from entropy_lens.io.writers import atomic_write_json, atomic_write_parquet, atomic_write_yaml, versions
+    from entropy_lens.io.writers import (
+        atomic_write_json,
+        atomic_write_parquet,
+        atomic_write_yaml,
+        versions,
+    )
 
     atomic_write_parquet(out / "tokens.parquet", tokens)
     atomic_write_yaml(out / "config.yaml", {"config": config, "versions": versions()})

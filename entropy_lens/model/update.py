@@ -11,9 +11,9 @@ from typing import Callable
 
 import torch
 
-from .forward import PackedBatch, response_logp_entropy
-from .methods.base import MethodTerms
-from .methods.loss import method_per_token_loss
+from entropy_lens.methods.base import MethodTerms
+from entropy_lens.methods.loss import method_per_token_loss
+from entropy_lens.model.forward import PackedBatch, response_logp_entropy
 
 #: ``loss_fn(rows, logp, entropy) -> scalar``: the contribution of sequences ``rows`` (a slice of
 #: the batch) to the batch loss, already normalised by the batch-level normaliser.

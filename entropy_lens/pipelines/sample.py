@@ -6,8 +6,9 @@ from typing import Callable
 
 import pandas as pd
 
-from .rewards import score_batch
-from .sampling import chat_prompt_ids, sample_responses
+from entropy_lens.io.prompts import chat_prompt_ids
+from entropy_lens.model.generate import sample_responses
+from entropy_lens.rewards import score_batch
 
 
 def sample_rollouts(

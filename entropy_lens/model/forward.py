@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels import logit_stats_auto
-from .logits import DEFAULT_CHUNK_BYTES, SCRATCH_BYTES, default_chunk_rows
+from entropy_lens.kernels import logit_stats_auto
+from entropy_lens.logits import DEFAULT_CHUNK_BYTES, SCRATCH_BYTES, default_chunk_rows
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,9 @@ def sample(
 ) -> None:
     """Sample real rollouts with exact token ids and behaviour log-probs, scored by a verifier."""
     from entropy_lens.io.datasets import load_prompts
-    from entropy_lens.io.models import load_model
+    from entropy_lens.model.load import load_model
+    from entropy_lens.pipelines.sample import sample_rollouts
     from entropy_lens.rewards import get_reward_fn
-    from entropy_lens.sample import sample_rollouts
 
     with user_errors():
         if out.suffix not in (".parquet", ".jsonl"):

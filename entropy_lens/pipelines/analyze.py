@@ -19,13 +19,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import estimators as est
-from .advantages import compute_advantages
-from .forward import pack, response_stats
-from .io.rollouts import RolloutError, Tokenized, old_logp_grid, tokenize_rollouts
-from .io.writers import atomic_write_json, atomic_write_parquet
-from .tokens import TokenBatch
-from .validate import closed_form_columns, score_estimator, zero_advantage_notes
+from entropy_lens import estimators as est
+from entropy_lens.io.rollouts import Tokenized
+from entropy_lens.io.tables import InputError, read_json, read_parquet
+from entropy_lens.io.writers import atomic_write_json, atomic_write_parquet
+from entropy_lens.model.forward import PackedBatch, response_stats
+from entropy_lens.pipelines.prepare import Prepared, prepare, token_batch, token_texts
+from entropy_lens.scoring import quadrant_table, score_frame, zero_advantage_notes
+from entropy_lens.tokens import TokenBatch, frame_grid
 
 Progress = Callable[[str, int], None]
 
@@ -49,10 +50,10 @@ def check_same_vocab(model_a, model_b, name_b: str) -> None:
     va = model_a.get_output_embeddings().weight.shape[0]
     vb = model_b.get_output_embeddings().weight.shape[0]
     if va != vb:
-        raise RolloutError(f"{name_b}: vocabulary of {vb} tokens differs from the first model's {va}")
+        raise InputError(f"{name_b}: vocabulary of {vb} tokens differs from the first model's {va}")
 
 
-def _fingerprint(rollouts: pd.DataFrame, tok: Tokenized, settings: AnalyzeSettings, models: list[str]) -> str:
+def _fingerprint(tok: Tokenized, settings: AnalyzeSettings, models: list[str]) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([settings.temperature, settings.shard_size, models]).encode())
     for p, r in zip(tok.prompt_ids, tok.response_ids):
@@ -60,9 +61,8 @@ def _fingerprint(rollouts: pd.DataFrame, tok: Tokenized, settings: AnalyzeSettin
     return h.hexdigest()[:16]
 
 
-def shard_frame(model, next_model, prompt_ids, response_ids, start: int, pad_id: int, settings: AnalyzeSettings) -> pd.DataFrame:
+def shard_frame(model, next_model, packed: PackedBatch, start: int, settings: AnalyzeSettings) -> pd.DataFrame:
     """Raw per-token statistics of one shard of sequences (global ``sample`` index from ``start``)."""
-    packed = pack(prompt_ids, response_ids, pad_id)
     st = response_stats(model, packed, settings.temperature, micro_batch=settings.micro_batch)
     m = packed.mask
     b_idx, t_idx = torch.nonzero(m, as_tuple=True)
@@ -94,16 +94,15 @@ def run_analyze(
 
     ``progress("tokens", n)`` is called with the response tokens of each finished shard.
     """
-    tok = tokenize_rollouts(rollouts, tokenizer, source)
-    lengths = [len(r) for r in tok.response_ids]
-    old = old_logp_grid(rollouts, lengths, source)
+    prep = prepare(rollouts, tokenizer, source)
+    lengths = prep.lengths
     shard_dir.mkdir(parents=True, exist_ok=True)
-    fp = _fingerprint(rollouts, tok, settings, list(model_names))
+    fp = _fingerprint(prep.tok, settings, list(model_names))
     manifest = shard_dir / "manifest.json"
     if manifest.exists():
-        prev = json.loads(manifest.read_text())
+        prev = read_json(manifest)
         if prev.get("fingerprint") != fp:
-            raise RolloutError(
+            raise InputError(
                 f"{shard_dir}: holds shards of a different run (other rollouts, models or settings); "
                 "use another output folder"
             )
@@ -115,51 +114,29 @@ def run_analyze(
         stop = min(start + settings.shard_size, B)
         path = shard_dir / f"shard_{k:05d}.parquet"
         if path.exists():
-            part = pd.read_parquet(path)
+            part = read_parquet(path)
         else:
-            part = shard_frame(model, next_model, tok.prompt_ids[start:stop], tok.response_ids[start:stop], start,
-                               tokenizer.pad_token_id, settings)
+            part = shard_frame(model, next_model, prep.packed(start, stop), start, settings)
             atomic_write_parquet(path, part)
         parts.append(part)
         if progress:
             progress("tokens", int(sum(lengths[start:stop])))
     raw = pd.concat(parts, ignore_index=True)
-    frame, batch = finish_frame(raw, rollouts, tok, old, settings, tokenizer)
-    return frame, summarize_analysis(frame, batch, settings, tok)
+    frame, batch = finish_frame(raw, prep, settings, tokenizer)
+    return frame, summarize_analysis(frame, batch, settings, prep.tok)
 
 
-def finish_frame(raw: pd.DataFrame, rollouts: pd.DataFrame, tok: Tokenized, old: torch.Tensor | None,
-                 settings: AnalyzeSettings, tokenizer) -> tuple[pd.DataFrame, TokenBatch]:
-    """Batch-wide columns over all shards: advantages, ratio, I_clip, estimators, quadrant."""
-    B = len(tok.response_ids)
-    T = max(len(r) for r in tok.response_ids)
-    s = torch.tensor(raw["sample"].to_numpy(np.int64))
-    p = torch.tensor(raw["pos"].to_numpy(np.int64))
-    mask = torch.zeros(B, T, dtype=torch.bool)
-    mask[s, p] = True
-
-    def grid(col: str, dtype=torch.float64) -> torch.Tensor:
-        out = torch.zeros(B, T, dtype=dtype)
-        out[s, p] = torch.tensor(raw[col].to_numpy()).to(dtype)
-        return out
-
-    reward = torch.tensor(rollouts["reward"].to_numpy(np.float64))
-    group_id = torch.tensor(rollouts["group_id"].to_numpy(np.int64))
-    lengths = mask.sum(-1)
-    seq_adv = compute_advantages(settings.advantage, reward, group_id, lengths=lengths).double()
-    logp = grid("logp")
-    batch = TokenBatch(
-        token_ids=grid("token_id", torch.long), mask=mask, logp=logp,
-        old_logp=torch.where(mask, old.double(), 0.0) if old is not None else logp.clone(),
-        entropy=grid("entropy"), sum_p2=grid("sum_p2"), sum_p2_logp=grid("sum_p2_logp"),
-        adv=torch.where(mask, seq_adv[:, None].expand(B, T), 0.0),
-        group_id=group_id, reward=reward, meta={"temperature": settings.temperature},
-    )
-    cols = closed_form_columns(batch, settings.lr, settings.eps_low, settings.eps_high, settings.dual_clip)
+def finish_frame(raw: pd.DataFrame, prep: Prepared, settings: AnalyzeSettings, tokenizer) -> tuple[pd.DataFrame, TokenBatch]:
+    """Batch-wide columns over all shards (float64): advantages, ratio, I_clip, estimators, quadrant."""
+    shape = (prep.n_sequences, max(prep.lengths))
+    mask = frame_grid(raw, None, shape, torch.bool)
+    stats = {k: frame_grid(raw, k, shape, torch.float64) for k in ("logp", "entropy", "sum_p2", "sum_p2_logp")}
+    batch = token_batch(stats, frame_grid(raw, "token_id", shape, torch.long), mask, prep.old_logp, prep.reward,
+                        prep.group_id, settings.advantage, settings.temperature)
+    cols = est.closed_form_columns(batch, settings.lr, settings.eps_low, settings.eps_high, settings.dual_clip)
     if "entropy_next" in raw.columns:
-        cols["dh_measured"] = torch.where(mask, grid("entropy_next") - batch.entropy, 0.0)
-    texts = [[tokenizer.decode([t]) for t in ids] for ids in tok.response_ids]
-    frame = batch.to_frame(extra=cols, token_text=texts)
+        cols["dh_measured"] = torch.where(mask, frame_grid(raw, "entropy_next", shape, torch.float64) - batch.entropy, 0.0)
+    frame = batch.to_frame(extra=cols, token_text=token_texts(tokenizer, prep.tok.response_ids))
     frame["quadrant"] = frame["quadrant"].astype(np.int8)
     return frame, batch
 
@@ -174,19 +151,6 @@ def position_profile(frame: pd.DataFrame, bins: int = 10) -> list[dict[str, floa
             for i, r in g.iterrows()]
 
 
-def quadrant_table(frame: pd.DataFrame, columns: tuple[str, ...]) -> dict[str, dict[str, float]]:
-    """Per quadrant: token share and the sum of each ΔH column (contribution to the batch ΔH)."""
-    out = {}
-    for q in (0, 1, 2, 3, 4):
-        sel = frame["quadrant"] == q
-        row = {"token_share": float(sel.mean()), "n": int(sel.sum())}
-        for c in columns:
-            if c in frame.columns:
-                row[c] = float(frame.loc[sel, c].sum())
-        out["A=0" if q == 0 else f"Q{q}"] = row
-    return out
-
-
 def summarize_analysis(frame: pd.DataFrame, batch: TokenBatch, settings: AnalyzeSettings, tok: Tokenized) -> dict[str, Any]:
     """summary.json of ``analyze``."""
     L = batch.n_tokens
@@ -198,7 +162,10 @@ def summarize_analysis(frame: pd.DataFrame, batch: TokenBatch, settings: Analyze
         "settings": asdict(settings),
         "mean_entropy": float(frame["entropy"].mean()),
         "mean_reward": float(batch.reward.mean()),
-        "quadrants": quadrant_table(frame, ("omega_paper", "dh_all_logit", "dh_cov", "dh_measured")),
+        "quadrants": quadrant_table(
+            frame["quadrant"].to_numpy(),
+            {c: frame[c].to_numpy() for c in ("omega_paper", "dh_all_logit", "dh_cov", "dh_measured") if c in frame.columns},
+        ),
         "entropy_by_position": position_profile(frame),
         "top_tokens_by_abs_omega": [
             {k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()}
@@ -207,14 +174,9 @@ def summarize_analysis(frame: pd.DataFrame, batch: TokenBatch, settings: Analyze
         "retokenized": tok.retokenized,
         "notes": list(tok.notes),
     }
-    summary["notes"] += zero_advantage_notes(batch)
+    summary["notes"] += zero_advantage_notes(batch.group_id, batch.adv.abs().amax(-1))
     if "dh_measured" in frame.columns:
-        meas = frame["dh_measured"].to_numpy()
-        summary["estimators"] = {
-            name: score_estimator(
-                est.scaled_prediction(name, torch.tensor(frame[name].to_numpy()), settings.lr, L).numpy(), meas)
-            for name in ("omega_paper", "omega_code", "dh_all_logit", "dh_cov")
-        }
+        summary["estimators"] = score_frame(frame, settings.lr, L, ("omega_paper", "omega_code", "dh_all_logit", "dh_cov"))
         summary["notes"].append(
             "dh_measured is the change between two checkpoints; closed-form predictions are scaled by --lr "
             "(compare correlations, and totals only if --lr matches the real update)"

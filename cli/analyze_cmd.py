@@ -8,7 +8,13 @@ from typing import Optional
 
 import typer
 
-from entropy_lens_cli.common import console, default_rollouts, stage_progress, user_errors, write_run
+from entropy_lens_cli.common import (
+    console,
+    default_rollouts,
+    stage_progress,
+    user_errors,
+    write_run,
+)
 
 
 def analyze(
@@ -29,9 +35,13 @@ def analyze(
 ) -> None:
     """Per-token statistics, estimators and quadrants of a checkpoint on rollouts (resumable);
     tokens.parquet, summary.json and figures/ (PNG + CSV) in OUT."""
-    from entropy_lens.analyze import AnalyzeSettings, check_same_vocab, run_analyze
     from entropy_lens.io import rollouts as ro
-    from entropy_lens.io.models import load_model
+    from entropy_lens.model.load import load_model
+    from entropy_lens.pipelines.analyze import (
+        AnalyzeSettings,
+        check_same_vocab,
+        run_analyze,
+    )
 
     with user_errors():
         if not lr > 0:

@@ -1,0 +1,131 @@
+"""Reading the files this toolkit consumes: JSON, JSONL, YAML and parquet.
+
+One home for every reader, with one error type: :class:`InputError` (a ``ValueError``) whose
+message is a single line that names the file, the line where there is one, and the problem.
+Writers live in :mod:`entropy_lens.io.writers`.
+
+JSON convention for non-finite numbers (everywhere in this project): written as ``null``; read
+back as ``None`` (use :func:`finite_or_nan` where a float is wanted).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+
+class InputError(ValueError):
+    """Bad input file; the message names the file and the problem on one line."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _read_bytes(path: Path) -> bytes:
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, expected a file")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
+
+
+def _decode(path: Path, raw: bytes, where: str = "") -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: {where}invalid UTF-8 at byte {exc.start}") from exc
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    """One JSON object from ``path`` (e.g. ``summary.json``); InputError if it is anything else."""
+    path = Path(path)
+    text = _decode(path, _read_bytes(path))
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: line {exc.lineno}: malformed JSON ({exc.msg})") from exc
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def read_jsonl(path: str | Path, tolerate_partial_last: bool = False) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file, one object per non-blank line.
+
+    ``tolerate_partial_last``: a file that is being appended to (``metrics.jsonl``) may end in an
+    incomplete line (no trailing newline, or not valid JSON); it is then dropped instead of
+    raising. Every other malformed line raises InputError naming the file and the line number.
+    """
+    path = Path(path)
+    lines = _read_bytes(path).split(b"\n")
+    out: list[dict[str, Any]] = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        partial_ok = tolerate_partial_last and i == len(lines)  # no newline after it
+        try:
+            obj = json.loads(_decode(path, line, f"line {i}: "))
+        except (InputError, json.JSONDecodeError) as exc:
+            if partial_ok:
+                break
+            if isinstance(exc, InputError):
+                raise
+            raise InputError(f"{path}: line {i}: malformed JSON ({exc.msg})") from exc
+        if not isinstance(obj, dict):
+            raise InputError(f"{path}: line {i}: expected a JSON object, got {type(obj).__name__}")
+        out.append(obj)
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping (``config.yaml``); an empty file or a non-mapping gives ``{}``."""
+    import yaml
+
+    path = Path(path)
+    text = _decode(path, _read_bytes(path))
+    try:
+        obj = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: malformed YAML ({_first_line(exc)})") from exc
+    return obj if isinstance(obj, dict) else {}
+
+
+def read_parquet(path: str | Path) -> pd.DataFrame:
+    """A parquet file as a frame (pyarrow)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, expected a parquet file")
+    try:
+        return pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several types for a corrupt file
+        raise InputError(f"{path}: cannot read parquet ({_first_line(exc)})") from exc
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """A parquet or JSON-lines table, format by suffix (``.json`` is read as JSON lines)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return pd.DataFrame(read_jsonl(path))
+    if suffix in (".parquet", ".pq"):
+        return read_parquet(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, expected a parquet or JSONL file")
+    raise InputError(f"{path}: unknown file type {suffix!r} (expected .parquet or .jsonl)")
+
+
+def finite_or_nan(x: Any) -> float:
+    """A JSON number back as a float: ``None`` (this project's non-finite marker) -> NaN."""
+    return float("nan") if x is None else float(x)

@@ -1,0 +1,103 @@
+"""Rollouts → one prepared batch: token ids, packed tensors, behaviour log-probs, rewards, groups.
+
+Every pipeline that runs a model on recorded rollouts (``analyze``, ``validate``,
+``compare --measure``) starts here, once; and every one that turns per-token statistics into a
+:class:`~entropy_lens.tokens.TokenBatch` goes through :func:`token_batch`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from entropy_lens.advantages import compute_advantages
+from entropy_lens.io.rollouts import Tokenized, old_logp_grid, tokenize_rollouts
+from entropy_lens.model.forward import PackedBatch, pack
+from entropy_lens.tokens import TokenBatch
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated rollouts frame made ready for a forward pass.
+
+    ``tok``: token ids (and whether they were re-tokenised); ``old_logp``: ``[B, T]`` float32
+    behaviour log-probs (nats) or None when the rollouts carry none; ``reward`` ``[B]`` float64;
+    ``group_id`` ``[B]`` int64; ``lengths``: response tokens per sequence; ``pad_id``: the
+    tokenizer's padding id.
+    """
+
+    tok: Tokenized
+    old_logp: torch.Tensor | None
+    reward: torch.Tensor
+    group_id: torch.Tensor
+    lengths: list[int]
+    pad_id: int
+
+    @property
+    def n_sequences(self) -> int:
+        return len(self.lengths)
+
+    def packed(self, start: int = 0, stop: int | None = None) -> PackedBatch:
+        """Sequences ``start:stop`` packed as prompt + response (right-padded)."""
+        stop = self.n_sequences if stop is None else stop
+        return pack(self.tok.prompt_ids[start:stop], self.tok.response_ids[start:stop], self.pad_id)
+
+
+def prepare(rollouts: pd.DataFrame, tokenizer, source: str = "<rollouts>") -> Prepared:
+    """Tokenize a validated rollouts frame (:func:`entropy_lens.io.rollouts.load_rollouts`) and read
+    its behaviour log-probs, rewards and groups; errors name ``source``."""
+    tok = tokenize_rollouts(rollouts, tokenizer, source)
+    lengths = [len(r) for r in tok.response_ids]
+    return Prepared(
+        tok=tok,
+        old_logp=old_logp_grid(rollouts, lengths, source),
+        reward=torch.tensor(rollouts["reward"].to_numpy(np.float64), dtype=torch.float64),
+        group_id=torch.tensor(rollouts["group_id"].to_numpy(np.int64)),
+        lengths=lengths,
+        pad_id=tokenizer.pad_token_id,
+    )
+
+
+def token_texts(tokenizer, response_ids: list[list[int]]) -> list[list[str]]:
+    """The decoded text of every response token, ``[b][t]`` (one token at a time)."""
+    return [[tokenizer.decode([t]) for t in ids] for ids in response_ids]
+
+
+def token_batch(
+    stats: dict[str, torch.Tensor],
+    token_ids: torch.Tensor,
+    mask: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    reward: torch.Tensor,
+    group_id: torch.Tensor,
+    advantage: str,
+    temperature: float,
+) -> TokenBatch:
+    """A :class:`TokenBatch` from per-token statistics ``stats`` (``logp, entropy, sum_p2,
+    sum_p2_logp``, each ``[B, T]``, nats) at temperature τ, with sequence advantages of the named
+    estimator (``advantage``) broadcast over each response.
+
+    ``old_logp`` None: on-policy (π_old = π, ratio 1). The float dtype of the batch is that of
+    ``stats["logp"]``; ``reward`` is cast to it.
+    """
+    logp = stats["logp"]
+    reward = reward.to(logp.dtype)
+    seq_adv = compute_advantages(advantage, reward, group_id, lengths=mask.sum(-1)).to(logp.dtype)
+    zero = torch.zeros((), dtype=logp.dtype)
+    old = logp if old_logp is None else old_logp.to(logp.dtype)
+    return TokenBatch(
+        token_ids=token_ids,
+        mask=mask,
+        logp=logp,
+        old_logp=torch.where(mask, old, zero),
+        entropy=stats["entropy"],
+        sum_p2=stats["sum_p2"],
+        sum_p2_logp=stats["sum_p2_logp"],
+        adv=torch.where(mask, seq_adv[:, None].expand_as(mask), zero),
+        group_id=group_id,
+        reward=reward,
+        meta={"temperature": temperature},
+    )
