@@ -23,6 +23,7 @@ from entropy_lens.train import (
     train,
 )
 from entropy_lens.train import loop as train_loop
+from entropy_lens.train import step as train_step
 from entropy_lens.train.config import (
     apply_overrides,
     config_from_dict,
@@ -191,13 +192,13 @@ def test_tiny_run_schema_and_measurements(tmp_path, sft_cache, method):
 
 def poison_losses(monkeypatch, after_step: int) -> dict:
     state = {"poison": after_step == 0}
-    real = train_loop.method_loss
+    real = train_step.method_loss
 
     def fake(*args, **kwargs):
         loss = real(*args, **kwargs)
         return loss * float("nan") if state["poison"] else loss
 
-    monkeypatch.setattr(train_loop, "method_loss", fake)
+    monkeypatch.setattr(train_step, "method_loss", fake)
 
     def on_step(step):
         if step == after_step:

@@ -33,3 +33,28 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
         atomic_write_parquet(tmp_path / "s.parquet", pd.DataFrame({"x": [object()]}))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json"]
     assert (tmp_path / "s.json").read_text().strip() == '{\n  "ok": true\n}'
+
+
+def test_json_ready_one_convention_for_non_finite_numbers(tmp_path):
+    import json
+    import math
+
+    import numpy as np
+    import torch
+
+    from entropy_lens.io.tables import finite_or_nan, read_json
+    from entropy_lens.io.writers import atomic_write_json, atomic_write_yaml, json_ready
+
+    class Version(str):
+        pass
+
+    obj = {"a": math.nan, "b": [math.inf, -math.inf, 1.5], "t": torch.tensor([1.0, float("nan")]),
+           "n": np.float32(2.0), "v": Version("2.13.0"), "p": tmp_path}
+    ready = json_ready(obj)
+    assert ready == {"a": None, "b": [None, None, 1.5], "t": [1.0, None], "n": 2.0, "v": "2.13.0", "p": str(tmp_path)}
+    assert type(ready["v"]) is str
+    atomic_write_json(tmp_path / "s.json", obj)
+    back = read_json(tmp_path / "s.json")
+    assert back == json.loads(json.dumps(ready)) and math.isnan(finite_or_nan(back["a"]))
+    atomic_write_yaml(tmp_path / "c.yaml", obj)  # str subclasses and tensors are representable
+    assert "2.13.0" in (tmp_path / "c.yaml").read_text()

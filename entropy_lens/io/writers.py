@@ -22,7 +22,7 @@ def json_ready(o: Any) -> Any:
         return {str(k): json_ready(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
         return [json_ready(v) for v in o]
-    if isinstance(o, Path):
+    if isinstance(o, (str, Path)):  # str subclasses too (e.g. torch's version string)
         return str(o)
     if hasattr(o, "tolist") and not isinstance(o, (str, bytes)):  # tensors, numpy arrays and scalars
         return json_ready(o.tolist())

@@ -18,8 +18,8 @@ from typing import Any
 
 from entropy_lens.advantages import ADVANTAGES
 from entropy_lens.methods import get_method, params_from_dict
-from entropy_lens.overrides import parse_set_items, parse_value, split_method_keys
 from entropy_lens.objective import AGG_MODES
+from entropy_lens.overrides import parse_set_items, parse_value, split_method_keys
 
 
 @dataclass(frozen=True)

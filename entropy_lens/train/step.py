@@ -1,0 +1,230 @@
+"""One RL step: sample, score, old statistics, the method's updates, measured and predicted ΔH."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import pandas as pd
+import torch
+
+from entropy_lens import estimators as est
+from entropy_lens.advantages import broadcast_to_tokens, compute_advantages
+from entropy_lens.methods import (
+    apply_method,
+    make_context,
+    method_loss,
+)
+from entropy_lens.model.forward import (
+    PackedBatch,
+    pack,
+    response_logp_entropy,
+    response_stats,
+)
+from entropy_lens.model.jvp import jvp_prediction
+from entropy_lens.model.update import snapshot, trainable_params
+from entropy_lens.tokens import TokenBatch
+from entropy_lens.train import metrics as mx
+from entropy_lens.train.config import (
+    TrainConfig,
+)
+from entropy_lens.train.evaluate import generate_ids
+from entropy_lens.train.setup import TrainingDiverged
+from entropy_lens.train.tasks import (
+    score_responses,
+)
+
+# ---------------------------------------------------------------------------------------------
+# One mini-batch update
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class UpdateOut:
+    """What one mini-batch update reports: per-token closed-form predictions (``[b, T]``, nats),
+    the valid tokens' weights, clip counts and the loss."""
+
+    preds: dict[str, torch.Tensor]
+    weights: torch.Tensor
+    n_clip_high: int
+    n_clip_low: int
+    n_tokens: int
+    loss: float
+
+
+def _micro_share(mode: str, mask: torch.Tensor, rows: slice) -> float:
+    """Factor that turns the aggregated loss of sequences ``rows`` into its share of the
+    mini-batch loss (so micro-batch losses sum to the mini-batch loss for every agg mode)."""
+    sub = mask[rows]
+    if mode == "token-mean":
+        return float(sub.sum()) / max(float(mask.sum()), 1.0)
+    if mode == "seq-mean-token-sum-norm":
+        return sub.shape[0] / mask.shape[0]
+    return float(sub.any(-1).sum()) / max(float(mask.any(-1).sum()), 1.0)
+
+
+def update_minibatch(
+    model,
+    optimizer: torch.optim.Optimizer,
+    packed: PackedBatch,
+    old_logp: torch.Tensor,
+    adv: torch.Tensor,
+    group_id: torch.Tensor,
+    reward: torch.Tensor,
+    cfg: TrainConfig,
+    method_params: Any,
+    method_gen: torch.Generator,
+    where: str,
+) -> UpdateOut:
+    """One optimizer step on one mini-batch through the chosen method and the one objective.
+
+    The method sees the mini-batch's current statistics (log p, H, Σp², Σp² log p at θ before this
+    update; no grad) with the recorded ``old_logp`` and advantages; micro-batches of
+    ``optim.micro_batch`` sequences accumulate gradients. Raises :class:`TrainingDiverged` on a
+    non-finite loss or gradient norm (before the optimizer step).
+    """
+    o, T = cfg.optim, cfg.rollout.temperature
+    B = packed.mask.shape[0]
+    micro = o.micro_batch or B
+    mask = packed.mask
+    stats = response_stats(model, packed, T, micro_batch=micro)
+    batch = TokenBatch(
+        token_ids=packed.response_ids, mask=mask, logp=stats["logp"], old_logp=old_logp, entropy=stats["entropy"],
+        sum_p2=stats["sum_p2"], sum_p2_logp=stats["sum_p2_logp"], adv=adv, group_id=group_id, reward=reward,
+        meta={"temperature": T},
+    )
+    ctx = replace(make_context(0, o.lr, batch_size=B, micro_batch_size=micro), generator=method_gen)
+    terms = apply_method(cfg.method, batch, method_params, ctx)
+
+    # closed-form predictions of this update (token-mean: L = this mini-batch's valid tokens)
+    a = terms.adv if terms.adv is not None else adv
+    g = terms.penalty.dlogp(batch.logp, batch.old_logp) if terms.penalty is not None else None
+    coef = est.effective_coefficient(terms.weight, a, mask, batch.ratio, g)
+    cols = est.closed_form_columns(batch.replace(adv=coef), o.lr, terms.eps_low, terms.eps_high, terms.dual_clip)
+    preds = {k: cols[k] for k in ("omega_paper", "dh_all_logit", "dh_cov")}
+    r = batch.ratio
+    clip_hi = mask & (a > 0) & (r > 1 + torch.as_tensor(terms.eps_high))
+    clip_lo = mask & (a < 0) & (r < 1 - torch.as_tensor(terms.eps_low))
+
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for i in range(0, B, micro):  # loop over micro-batches
+        rows = slice(i, min(i + micro, B))
+        sub = packed.select(rows)
+        logp, ent = response_logp_entropy(model, sub, T)
+        loss = method_loss(terms.rows(rows), logp, old_logp[rows], adv[rows], mask[rows], ent, o.agg_mode,
+                           norm_len=mask.shape[1]) * _micro_share(o.agg_mode, mask, rows)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"non-finite loss ({float(loss.detach())}) at {where}")
+        loss.backward()
+        total += float(loss.detach())
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip else math.inf)
+    if not torch.isfinite(norm):
+        raise TrainingDiverged(f"non-finite gradient norm ({float(norm)}) at {where}")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return UpdateOut(preds=preds, weights=terms.weight[mask].detach().float(), n_clip_high=int(clip_hi.sum()),
+                     n_clip_low=int(clip_lo.sum()), n_tokens=int(mask.sum()), loss=total)
+
+
+# ---------------------------------------------------------------------------------------------
+# One RL step
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepResult:
+    record: dict[str, Any]
+    rollouts: pd.DataFrame
+
+
+def rl_step(step: int, model, task, cfg: TrainConfig, optimizer, gens: dict[str, torch.Generator],
+            reward: tuple[str, Callable[[str, str], float]], method_params: Any) -> StepResult:
+    """Sample → reward → advantages → old statistics → updates → measured and predicted ΔH."""
+    T, n, o = cfg.rollout.temperature, cfg.rollout.n, cfg.optim
+    tok = task.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    # 1. prompts and n responses each
+    pick = torch.randperm(len(task.train_problems), generator=gens["prompts"])[: cfg.prompts_per_step]
+    problems = [task.train_problems[int(i)] for i in pick]
+    prompt_ids = [task.prompt_ids(p) for p in problems]
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gens["sampling"]))
+    samples = generate_ids(model, tok, prompt_ids, n, task.max_new_tokens, cfg.rollout.gen_batch, T, seed=seed)
+    group = torch.tensor([i for i, _ in samples], dtype=torch.long)
+    sample_problems = [problems[i] for i, _ in samples]
+    sample_prompt_ids = [prompt_ids[i] for i, _ in samples]
+    response_ids = [r for _, r in samples]
+    texts = [task.decode(r) for r in response_ids]
+
+    # 2. verifiable reward, accuracy (the task's own verifier), advantages
+    reward_name, reward_fn = reward
+    rewards = torch.tensor(score_responses(reward_fn, reward_name, texts, sample_problems), dtype=torch.float32)
+    correct = torch.tensor([task.reward(t, p.answer) == task.correct for t, p in zip(texts, sample_problems)])
+    packed = pack(sample_prompt_ids, response_ids, pad)
+    mask = packed.mask
+    seq_adv = compute_advantages(o.advantage, rewards, group, lengths=mask.sum(-1))
+    adv = broadcast_to_tokens(seq_adv, mask).float()
+
+    # 3. old log-probs and entropies (no grad)
+    old = response_stats(model, packed, T, micro_batch=o.micro_batch or mask.shape[0])
+    old_logp = old["logp"]
+    quadrant = est.quadrant(old["logp"], old["entropy"], adv)
+
+    # 4. updates: ppo_epochs × mini_batches optimizer steps
+    theta = snapshot(model)
+    B = mask.shape[0]
+    mb = B // o.mini_batches
+    preds = {k: torch.zeros_like(old_logp, dtype=torch.float64) for k in ("omega_paper", "dh_all_logit", "dh_cov")}
+    weights, losses = [], []
+    n_hi = n_lo = n_tok = 0
+    for epoch in range(o.ppo_epochs):
+        for j in range(o.mini_batches):
+            rows = slice(j * mb, (j + 1) * mb)
+            u = update_minibatch(model, optimizer, packed.select(rows), old_logp[rows], adv[rows], group[rows],
+                                 rewards[rows], cfg, method_params, gens["method"],
+                                 where=f"step {step}, epoch {epoch + 1}, mini-batch {j + 1}")
+            for k in preds:
+                preds[k][rows] += u.preds[k].double()
+            weights.append(u.weights)
+            losses.append(u.loss)
+            n_hi, n_lo, n_tok = n_hi + u.n_clip_high, n_lo + u.n_clip_low, n_tok + u.n_tokens
+
+    # 5. measured ΔH on the same batch, and the parameter-space prediction of the whole step
+    after = response_stats(model, packed, T, micro_batch=o.micro_batch or B)
+    dh_measured = torch.where(mask, after["entropy"] - old["entropy"], 0.0).double()
+    dh_jvp = None
+    if cfg.log.jvp_every and step % cfg.log.jvp_every == 0:
+        with torch.no_grad():
+            delta = {k: p.detach() - theta[k] for k, p in trainable_params(model).items()}
+        dh_jvp = float(jvp_prediction(model, packed, theta, delta, T, o.micro_batch or B)[mask].double().sum())
+    del theta
+
+    record = dict(
+        step=step, method=cfg.method, seed=cfg.seed,
+        reward_mean=float(rewards.double().mean()), accuracy=float(correct.double().mean()),
+        entropy_mean=float(old["entropy"][mask].double().mean()),
+        clip_frac_high=n_hi / max(n_tok, 1), clip_frac_low=n_lo / max(n_tok, 1),
+        **mx.weight_stats(torch.cat(weights)),
+        quadrant=mx.quadrant_table(quadrant, mask, preds["omega_paper"], dh_measured),
+        dh_pred={**{k: float(v[mask].sum()) for k, v in preds.items()}, "dh_jvp": dh_jvp},
+        dh_measured=float(dh_measured[mask].sum()), loss=sum(losses) / len(losses),
+    )
+    lengths = mask.sum(-1).tolist()
+    rollouts = pd.DataFrame({
+        "prompt": [p.text for p in sample_problems],
+        "response": texts,
+        "reward": rewards.double().numpy(),
+        "group": group.numpy() + (step - 1) * cfg.prompts_per_step,
+        "prompt_ids": sample_prompt_ids,
+        "response_ids": response_ids,
+        "old_logp": [old_logp[b, :n_b].double().tolist() for b, n_b in enumerate(lengths)],
+        "ground_truth": [p.answer for p in sample_problems],
+        "correct": correct.numpy(),
+        "step": step,
+    })
+    return StepResult(record=record, rollouts=rollouts)
+
+
