@@ -127,16 +127,8 @@ def default_rollouts() -> Path:
 
 
 def write_run(out: Path, tokens, summary: dict, config: dict) -> None:
-    """Write tokens.parquet, summary.json and config.yaml (each atomically)."""
-    from entropy_lens.io.writers import (
-        atomic_write_json,
-        atomic_write_parquet,
-        atomic_write_yaml,
-        versions,
-    )
+    """Write tokens.parquet, summary.json and config.yaml, all or nothing."""
+    from entropy_lens.io.writers import atomic_write_files, versions
 
-    atomic_write_parquet(out / "tokens.parquet", tokens)
-    atomic_write_yaml(out / "config.yaml", {"config": config, "versions": versions()})
-    atomic_write_json(out / "summary.json", summary)
-
-
+    atomic_write_files(out, {"tokens.parquet": tokens, "summary.json": summary,
+                             "config.yaml": {"config": config, "versions": versions()}})

@@ -6,15 +6,14 @@ The main app calls :func:`register` to add both commands. All numbers come from
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from entropy_lens.io.tables import read_parquet
+from entropy_lens.io.writers import atomic_write_files, versions
 from entropy_lens.methods import (
     get_method,
     list_methods,
@@ -27,7 +26,7 @@ from entropy_lens.pipelines.compare import (
     compare_methods,
     validate_tokens_frame,
 )
-from entropy_lens_cli.common import EXIT_USAGE, fail
+from entropy_lens_cli.common import console, user_errors
 
 
 def parse_overrides(items: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
@@ -43,25 +42,7 @@ def parse_overrides(items: list[str], methods: list[str]) -> dict[str, dict[str,
     return out
 
 
-def _write_atomic(out: Path, files: dict[str, Any]) -> None:
-    """Write every file to a temp file in ``out`` first, then rename them all into place."""
-    out.mkdir(parents=True, exist_ok=True)
-    tmps: dict[str, str] = {}
-    try:
-        for name, writer in files.items():
-            fd, tmp = temp_file(out, prefix=f".{name}.", suffix=".tmp")
-            os.close(fd)
-            tmps[name] = tmp
-            writer(tmp)
-        for name, tmp in tmps.items():
-            os.replace(tmp, out / name)
-    finally:
-        for tmp in tmps.values():
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
-
-from entropy_lens.io.writers import temp_file, versions  # noqa: E402
 
 
 def _fmt(x: Any) -> str:
@@ -88,76 +69,42 @@ def compare(
 ) -> None:
     """Predict each method's entropy change on one recorded batch (closed-form estimators)."""
     methods = list(method) if method else list_methods()
-    try:
+    with user_errors():
         for m in methods:
             get_method(m)
         if len(set(methods)) != len(methods):
             raise ValueError("a method is listed more than once")
         overrides = parse_overrides(list(set_ or []), methods)
-    except ValueError as e:
-        fail(str(e), EXIT_USAGE)
-
-    if not tokens.is_file():
-        fail(f"{tokens}: no such file", EXIT_USAGE)
-    try:
-        import pandas as pd
-
-        df = pd.read_parquet(tokens)
-    except Exception as e:  # noqa: BLE001 - any reader failure is one line for the user
-        fail(f"{tokens}: cannot read parquet ({type(e).__name__}: {e})", EXIT_USAGE)
-    try:
-        validate_tokens_frame(df)
-        long_df, summary = compare_methods(df, methods, overrides, lr=lr, seed=seed)
-    except ValueError as e:
-        fail(f"{tokens}: {e}", EXIT_USAGE)
-
+        df = read_parquet(tokens)
+        try:
+            validate_tokens_frame(df)
+            long_df, summary = compare_methods(df, methods, overrides, lr=lr, seed=seed)
+        except ValueError as e:
+            raise ValueError(f"{tokens}: {e}") from e
     if measure:
         long_df, summary = _measure(long_df, summary, df, methods, overrides, lr, seed, model, rollouts, optimizer)
+    summary = {"command": "compare", "tokens": str(tokens), "methods_requested": methods, "overrides": overrides,
+               "versions": versions(), **summary}
+    with user_errors():
+        atomic_write_files(out, {"compare.parquet": long_df, "summary.json": summary})
+    console.print(_results_table(summary, lr, measure))
+    console.print(f"wrote {out / 'compare.parquet'} and {out / 'summary.json'}")
 
-    summary = {
-        "command": "compare",
-        "tokens": str(tokens),
-        "methods_requested": methods,
-        "overrides": overrides,
-        "versions": versions(),
-        **summary,
-    }
-    _write_atomic(
-        out,
-        {
-            "compare.parquet": lambda p: long_df.to_parquet(p, index=False),
-            "summary.json": lambda p: Path(p).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n"),
-        },
-    )
 
+def _results_table(summary: dict, lr: float, measure: bool) -> Table:
+    """Per method: touched share, mean weight, predicted batch ΔH per estimator, penalty, measured."""
     table = Table(title=f"predicted batch ΔH (nats, lr={lr:g}, {summary['n_tokens']} tokens)")
-    table.add_column("method")
-    table.add_column("touched", justify="right")
-    table.add_column("mean w", justify="right")
-    for e in COMPARE_ESTIMATORS:
-        table.add_column(e, justify="right")
-    table.add_column("penalty")
-    if measure:
-        table.add_column("measured", justify="right")
-        table.add_column("sign ok", justify="right")
+    for col in ("method", "touched", "mean w", *COMPARE_ESTIMATORS, "penalty") + (("measured", "sign ok") if measure else ()):
+        table.add_column(col, justify="left" if col in ("method", "penalty") else "right")
     for name, res in summary["methods"].items():
         pen = res["penalty_dh"]
         extra = []
         if measure:
-            meas = res["measured_dh"]
-            extra = [_fmt(meas), " ".join(e[:6] if ok else "-" for e, ok in res["sign_matches"].items())]
+            extra = [_fmt(res["measured_dh"]), " ".join(e[:6] if ok else "-" for e, ok in res["sign_matches"].items())]
         note = "" if pen is None else ("folded in" if pen["folded_into"] else "not included (see summary)")
-        table.add_row(
-            name,
-            f"{100 * res['touched_share']:.1f}%",
-            f"{res['weight_mean']:.3f}",
-            *[_fmt(res["predicted_dh"][e]) for e in COMPARE_ESTIMATORS],
-            note,
-            *extra,
-        )
-    console = Console()
-    console.print(table)
-    console.print(f"wrote {out / 'compare.parquet'} and {out / 'summary.json'}")
+        table.add_row(name, f"{100 * res['touched_share']:.1f}%", f"{res['weight_mean']:.3f}",
+                      *[_fmt(res["predicted_dh"][e]) for e in COMPARE_ESTIMATORS], note, *extra)
+    return table
 
 
 def _measure(long_df, summary, tokens_df, methods, overrides, lr, seed, model, rollouts, optimizer):
@@ -168,7 +115,7 @@ def _measure(long_df, summary, tokens_df, methods, overrides, lr, seed, model, r
     from entropy_lens.model.load import load_model
     from entropy_lens.pipelines.compare import measure_methods
     from entropy_lens.pipelines.validate import ValidateSettings
-    from entropy_lens_cli.common import default_rollouts, stage_progress, user_errors
+    from entropy_lens_cli.common import default_rollouts, stage_progress
 
     with user_errors():
         if optimizer not in ("sgd", "adamw"):
@@ -209,7 +156,7 @@ def methods() -> None:
         spec = get_method(name)
         params = "\n".join(f"{k}={v}" for k, v in params_table(name))
         table.add_row(name, spec.summary, params, ", ".join(spec.factors) or "-")
-    Console().print(table)
+    console.print(table)
 
 
 def register(app: typer.Typer) -> None:

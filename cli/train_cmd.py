@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -25,9 +24,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from entropy_lens_cli.common import EXIT_DIVERGED, fail
-
-err_console = Console(stderr=True)
+from entropy_lens_cli.common import EXIT_DIVERGED, console, err_console, fail
 
 
 def resolve_run_config(
@@ -55,7 +52,7 @@ def train(
     method: Annotated[Optional[str], typer.Option("--method", "-m", help="registered method (entropy-lens methods); default grpo")] = None,
     set_: Annotated[
         Optional[list[str]],
-        typer.Option("--set", help="override KEY=VALUE, e.g. optim.lr=1e-4, rollout.n=4, method.lambda_min=0.7 (repeatable)"),
+        typer.Option("--set", help="override KEY=VALUE, e.g. optim.lr=1e-4, rollout.n=4, steer.lambda_min=0.7 (repeatable)"),
     ] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="seed of every random stream")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="number of RL steps")] = None,
@@ -98,7 +95,6 @@ def train(
             prog.stop()
             fail(str(exc))
 
-    console = Console()
     t = Table(title=f"{cfg.preset} · {cfg.method} · seed {cfg.seed}")
     t.add_column("quantity")
     t.add_column("value", justify="right")

@@ -66,6 +66,6 @@ def split_method_keys(
             raise ValueError(f"--set {key}: expected {head}.PARAM=VALUE")
         get_method(head)
         if head not in methods:
-            raise ValueError(f"--set {key}: method {head!r} is not being run (methods: {', '.join(methods)})")
+            raise ValueError(f"--set {key}: method {head!r} is not being run (running: {', '.join(methods)}; add it with -m {head})")
         params.setdefault(head, {})[rest] = parse_value(value) if isinstance(value, str) else value
     return params, config

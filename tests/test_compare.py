@@ -221,7 +221,7 @@ def test_cli_compare_writes_files(tmp_path, frame):
         (["-m", "nope"], "unknown method 'nope'"),
         (["-m", "steer", "--set", "steer.lambda_mn=0.7"], "valid keys"),
         (["-m", "steer", "--set", "steer.lambda_min=2"], "lambda_min must be in (0, 1]"),
-        (["-m", "grpo", "--set", "steer.lambda_min=0.7"], "not being compared"),
+        (["-m", "grpo", "--set", "steer.lambda_min=0.7"], "not being run"),
         (["-m", "grpo", "--set", "lambda_min=0.7"], "METHOD.PARAM=VALUE"),
     ],
 )

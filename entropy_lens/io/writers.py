@@ -1,4 +1,6 @@
-"""Atomic writers: every output file is written to a temporary name and renamed into place."""
+"""Atomic writers: every output file (or folder) is written under a temporary name and renamed
+into place, so an interrupted command never leaves a half-written result. One home for writing;
+reading is :mod:`entropy_lens.io.tables`."""
 
 from __future__ import annotations
 
@@ -6,9 +8,11 @@ import json
 import math
 import os
 import platform
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import pandas as pd
 import yaml
@@ -52,14 +56,14 @@ def temp_dir(folder: str | Path, prefix: str) -> Path:
     return Path(tmp)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
+def _write_via_temp(path: Path, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then ``os.replace`` it into place;
+    on any failure (interrupt included) the temporary file is removed and ``path`` untouched."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = temp_file(path.parent, prefix=f".{path.name}.")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -67,10 +71,19 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    _write_via_temp(Path(path), lambda tmp: Path(tmp).write_bytes(data))
+
+
+def json_text(obj: Any) -> str:
+    """Strict, indented JSON of :func:`json_ready` values (non-finite numbers as ``null``)."""
+    return json.dumps(json_ready(obj), indent=2, allow_nan=False) + "\n"
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Strict JSON (NaN written as null), indented."""
-    text = json.dumps(json_ready(obj), indent=2, allow_nan=False)
-    atomic_write_bytes(path, (text + "\n").encode())
+    """Strict JSON (:func:`json_text`), written atomically."""
+    atomic_write_bytes(path, json_text(obj).encode())
 
 
 def atomic_write_yaml(path: str | Path, obj: Any) -> None:
@@ -80,17 +93,73 @@ def atomic_write_yaml(path: str | Path, obj: Any) -> None:
 
 def atomic_write_parquet(path: str | Path, frame: pd.DataFrame) -> None:
     """Parquet via pyarrow, written to a temporary file and renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_file(path.parent, prefix=f".{path.name}.")
-    os.close(fd)
+    _write_via_temp(Path(path), lambda tmp: frame.to_parquet(tmp, index=False))
+
+
+def file_writer(obj: Any) -> Callable[[str], None]:
+    """How to write ``obj`` to a path by its kind: a frame as parquet, bytes as they are, text as
+    UTF-8, anything else as strict JSON (:func:`json_text`)."""
+    if isinstance(obj, pd.DataFrame):
+        return lambda p: obj.to_parquet(p, index=False)
+    if isinstance(obj, bytes):
+        return lambda p: Path(p).write_bytes(obj)
+    if isinstance(obj, str):
+        return lambda p: Path(p).write_text(obj, encoding="utf-8")
+    return lambda p: Path(p).write_text(json_text(obj), encoding="utf-8")
+
+
+def atomic_write_files(folder: str | Path, files: dict[str, Any]) -> list[Path]:
+    """Write several files of one result into ``folder`` all or nothing.
+
+    ``files``: name → content (:func:`file_writer`: a frame, bytes, text, or a JSON value; a name
+    ending in ``.yaml`` is written as YAML). Every file goes to a temporary name first; only when
+    all are written are they renamed into place, so an error or interrupt leaves the folder as it
+    was. Returns the final paths.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmps: dict[str, str] = {}
     try:
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        for name, content in files.items():  # one temporary file per output
+            fd, tmp = temp_file(folder, prefix=f".{name}.", suffix=".tmp")
+            os.close(fd)
+            tmps[name] = tmp
+            if name.endswith(".yaml"):
+                Path(tmp).write_text(yaml.safe_dump(json_ready(content), sort_keys=False), encoding="utf-8")
+            else:
+                file_writer(content)(tmp)
+        for name, tmp in tmps.items():
+            os.replace(tmp, folder / name)
+    finally:
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return [folder / name for name in files]
+
+
+@contextmanager
+def atomic_folder(final: str | Path, replace: bool = True) -> Iterator[Path]:
+    """Build a folder under a temporary name beside ``final``; rename it into place on success.
+
+    Yields the temporary folder to fill. On an exception (interrupt included) it is removed and
+    ``final`` is untouched. ``replace``: an existing ``final`` is replaced; else the new folder is
+    discarded when ``final`` already exists (a concurrent writer of the same content won).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_dir(final.parent, prefix=f".{final.name}.")
+    try:
+        yield tmp
+        if final.exists() and replace:
+            shutil.rmtree(final)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if replace or not final.exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def versions() -> dict[str, str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 
 BUNDLED_NAME = "smollm2-135m-instruct"
@@ -69,20 +68,12 @@ def bundled_model_dir() -> Path:
     q = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     plain = AutoModelForCausalLM.from_config(q.config, dtype=torch.float32)
     plain.load_state_dict(q.state_dict())
-    from entropy_lens.io.writers import temp_dir
+    from entropy_lens.io.writers import atomic_folder
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir(target.parent, prefix=f".{BUNDLED_NAME}.")
-    try:
+    with atomic_folder(target) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         _strip_gguf_flag(tmp / "config.json")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -17,7 +17,6 @@ the complete folder or none.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from entropy_lens.io.writers import atomic_write_json, temp_dir
+from entropy_lens.io.writers import atomic_folder, atomic_write_json
 
 CKPT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d{6,})$")
@@ -98,8 +97,7 @@ def save_checkpoint(
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    tmp = temp_dir(root, prefix=f".{final.name}.")
-    try:
+    with atomic_folder(final) as tmp:
         with _quiet_hf():
             model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
@@ -108,14 +106,8 @@ def save_checkpoint(
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         tensors, meta = capture_rng(generators)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "rng.safetensors"))
-        (tmp / "rng.json").write_text(json.dumps(meta))
+        atomic_write_json(tmp / "rng.json", meta)
         atomic_write_json(tmp / "trainer_state.json", {"step": int(step), **state})
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     prune_checkpoints(run_dir, keep_last)
     return final
 

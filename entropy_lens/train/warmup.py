@@ -7,10 +7,7 @@ from typing import Any
 
 import torch
 
-from entropy_lens.io.writers import (
-    atomic_write_json,
-    temp_dir,
-)
+from entropy_lens.io.writers import atomic_folder, atomic_write_json
 from entropy_lens.model.forward import (
     pack,
     response_logp_entropy,
@@ -95,16 +92,9 @@ def warm_start(model, task, cfg: TrainConfig, gen: torch.Generator, progress: Pr
     if cfg.log.eval_every:
         info["eval_accuracy_step0"] = eval_accuracy(model, task, cfg.rollout.gen_batch)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_dir(cache.parent, prefix=f".{cache.name}.")
-        st_save(model, str(tmp / "model.safetensors"))
-        atomic_write_json(tmp / "info.json", info)
-        try:
-            tmp.rename(cache)
-        except OSError:  # another run filled the cache first: same content
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_folder(cache, replace=False) as tmp:  # another run may fill it first: same content
+            st_save(model, str(tmp / "model.safetensors"))
+            atomic_write_json(tmp / "info.json", info)
     return info
 
 
