@@ -22,6 +22,7 @@ from typing import Any, Iterable
 import torch
 
 from entropy_lens import scoring
+from entropy_lens.io.tables import read_jsonl
 from entropy_lens.io.writers import atomic_write_bytes
 
 METRIC_KEYS = (
@@ -158,22 +159,11 @@ def append_record(path: str | Path, rec: dict[str, Any]) -> None:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a ``metrics.jsonl``; a truncated (unparsable) final line is ignored."""
+    """Records of a ``metrics.jsonl`` (none when the file does not exist yet); a truncated final
+    line (a kill during the last append) is ignored, any other malformed line is an error naming
+    the file and line (:func:`entropy_lens.io.tables.read_jsonl`)."""
     p = Path(path)
-    if not p.is_file():
-        return []
-    out = []
-    lines = p.read_text(encoding="utf-8").splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break  # a kill during the last append
-            raise ValueError(f"{p}: line {i + 1}: malformed JSON") from None
-    return out
+    return read_jsonl(p, tolerate_partial_last=True) if p.is_file() else []
 
 
 def truncate_metrics(path: str | Path, last_step: int) -> list[dict[str, Any]]:
