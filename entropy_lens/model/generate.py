@@ -1,4 +1,5 @@
-"""Sampling real rollouts from a causal LM, recording exact token ids and behaviour log-probs.
+"""The one generation loop (``sample``, the trainer's rollouts and its evaluations): exact token ids
+and, when asked, the behaviour log-probs of every sampled token.
 
 Sampling is from the full softmax at temperature τ (top-k and top-p off), so the recorded
 ``old_logp`` is log π_θ(a|s) at τ of the policy that generated the token.

@@ -140,6 +140,26 @@ class StepResult:
     rollouts: pd.DataFrame
 
 
+def _rollouts_frame(step: int, prompts_per_step: int, problems: list, texts: list[str], rewards: torch.Tensor,
+                    group: torch.Tensor, prompt_ids: list[list[int]], response_ids: list[list[int]],
+                    old_logp: torch.Tensor, mask: torch.Tensor, correct: torch.Tensor) -> pd.DataFrame:
+    """The step's rollouts in the rollout format (:mod:`entropy_lens.io.rollouts`), groups numbered
+    across steps, with exact ids and the per-token ``old_logp`` (nats)."""
+    lengths = mask.sum(-1).tolist()
+    return pd.DataFrame({
+        "prompt": [p.text for p in problems],
+        "response": texts,
+        "reward": rewards.double().numpy(),
+        "group": group.numpy() + (step - 1) * prompts_per_step,
+        "prompt_ids": prompt_ids,
+        "response_ids": response_ids,
+        "old_logp": [old_logp[b, :n_b].double().tolist() for b, n_b in enumerate(lengths)],
+        "ground_truth": [p.answer for p in problems],
+        "correct": correct.numpy(),
+        "step": step,
+    })
+
+
 def rl_step(step: int, model, task, cfg: TrainConfig, optimizer, gens: dict[str, torch.Generator],
             reward: tuple[str, Callable[[str, str], float]], method_params: Any) -> StepResult:
     """Sample → reward → advantages → old statistics → updates → measured and predicted ΔH."""
@@ -212,19 +232,8 @@ def rl_step(step: int, model, task, cfg: TrainConfig, optimizer, gens: dict[str,
         dh_pred={**{k: float(v[mask].sum()) for k, v in preds.items()}, "dh_jvp": dh_jvp},
         dh_measured=float(dh_measured[mask].sum()), loss=sum(losses) / len(losses),
     )
-    lengths = mask.sum(-1).tolist()
-    rollouts = pd.DataFrame({
-        "prompt": [p.text for p in sample_problems],
-        "response": texts,
-        "reward": rewards.double().numpy(),
-        "group": group.numpy() + (step - 1) * cfg.prompts_per_step,
-        "prompt_ids": sample_prompt_ids,
-        "response_ids": response_ids,
-        "old_logp": [old_logp[b, :n_b].double().tolist() for b, n_b in enumerate(lengths)],
-        "ground_truth": [p.answer for p in sample_problems],
-        "correct": correct.numpy(),
-        "step": step,
-    })
+    rollouts = _rollouts_frame(step, cfg.prompts_per_step, sample_problems, texts, rewards, group,
+                               sample_prompt_ids, response_ids, old_logp, mask, correct)
     return StepResult(record=record, rollouts=rollouts)
 
 
