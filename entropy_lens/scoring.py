@@ -9,13 +9,13 @@ labels :data:`QUADRANT_LABELS`, ``Q0`` = tokens with A = 0), the notes every run
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
-import torch
 
-from entropy_lens import estimators as est
+if TYPE_CHECKING:
+    import torch
 
 #: Quadrant labels, indexed by the ``quadrant`` column's value; ``Q0`` holds the tokens with A = 0.
 QUADRANT_LABELS = ("Q0", "Q1", "Q2", "Q3", "Q4")
@@ -57,6 +57,10 @@ def score_frame(frame: pd.DataFrame, lr: float, n_tokens: int, names: Iterable[s
     the estimators to score (default: every one in :data:`entropy_lens.estimators.ESTIMATORS`
     present in the frame).
     """
+    import torch  # the scaling is torch code; importing scoring stays light for the figures
+
+    from entropy_lens import estimators as est
+
     measured = frame["dh_measured"].to_numpy()
     names = [n for n in (names if names is not None else est.ESTIMATORS) if n in frame.columns]
     return {

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from entropy_lens.model.forward import pack, response_stats
+from entropy_lens.model.jvp import jvp_prediction
 from entropy_lens.model.update import (
     grpo_token_mean_loss,
     one_step_update,
     restore,
     snapshot,
 )
-from entropy_lens.model.jvp import jvp_prediction
 
 
 def _setup(model, seed=0):

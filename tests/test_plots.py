@@ -1,4 +1,6 @@
-"""Figure builders (synthetic frames in the real formats) and the ``plot`` command."""
+"""Figures (synthetic frames in the real formats): run loading (``entropy_lens.plots.runs``), the data and
+figure builders of ``entropy_lens.plots``, its figure registry, ``analyses/figure.py`` and the ``plot``
+command. The run-folder fixtures here are shared with tests/test_report.py."""
 
 from __future__ import annotations
 
@@ -16,9 +18,11 @@ from typer.testing import CliRunner
 
 from entropy_lens import estimators as est
 from entropy_lens import plots
-from entropy_lens.advantages import broadcast_to_tokens, grpo as grpo_adv
-from entropy_lens.compare import compare_methods
+from entropy_lens.advantages import broadcast_to_tokens
+from entropy_lens.advantages import grpo as grpo_adv
 from entropy_lens.objective import clip_active
+from entropy_lens.pipelines.compare import compare_methods
+from entropy_lens.plots import style
 from entropy_lens.tokens import TokenBatch
 
 LR = 1e-3
@@ -225,7 +229,7 @@ def test_dh_scatter_axes_labels_and_stats():
         assert any(t.startswith("PCC") and "measured ≈ " in t for t in texts(ax))
     # the identity line is y = x in nats (each axis has its own power-of-ten unit)
     d0 = data[data["estimator"] == "omega_paper"]
-    sx, sy = plots._scale(d0["predicted_dh"])[0], plots._scale(d0["measured_dh"])[0]
+    sx, sy = style.axis_scale(d0["predicted_dh"])[0], style.axis_scale(d0["measured_dh"])[0]
     line = [ln for ln in axes[0].get_lines() if ln.get_label().startswith("identity y = x")][0]
     np.testing.assert_allclose(np.asarray(line.get_xdata()) / sx, np.asarray(line.get_ydata()) / sy)
     # fitted scale: measured ≈ k·predicted through the origin
@@ -242,8 +246,8 @@ def test_dh_scatter_without_summary_drops_omega_code_and_needs_measured():
 
 
 def test_scale_picks_power_of_ten():
-    assert plots._scale(np.array([3e-5, -2e-5]))[1] == "$10^{-5}$ nats"
-    assert plots._scale(np.array([0.3, -2.0])) == (1.0, "nats")
+    assert style.axis_scale(np.array([3e-5, -2e-5]))[1] == "$10^{-5}$ nats"
+    assert style.axis_scale(np.array([0.3, -2.0])) == (1.0, "nats")
 
 
 def test_dh_vs_prob_boundary_and_quadrants():
@@ -440,6 +444,160 @@ def test_build_plots_notes_what_it_skips(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
+# Loading (entropy_lens.plots.runs)
+# --------------------------------------------------------------------------------------------
+
+
+def test_load_run_reads_through_the_table_readers(tmp_path):
+    from entropy_lens.io.tables import InputError
+    from entropy_lens.plots.runs import load_run
+
+    d = write_token_run(tmp_path / "run", with_compare=False)
+    run = load_run(d)
+    assert run.lr == LR and run.n_tokens == len(run.tokens) and run.metrics is None
+    (d / "summary.json").write_text("[1, 2]")
+    with pytest.raises(InputError, match=r"summary.json: expected a JSON object, got list"):
+        load_run(d)
+    m = write_metrics_run(tmp_path / "m", "grpo", 0)
+    (m / "config.yaml").write_text("config: [1, 2]\n")
+    with pytest.raises(ValueError, match=r"config.yaml: 'config' is not a mapping"):
+        load_run(m)
+
+
+def test_read_metrics_names_the_line_of_a_record_without_step(tmp_path):
+    bad = tmp_path / "m.jsonl"
+    bad.write_text('{"step": 0}\n\n{"step": 1}\n{"loss": 2}\n')  # a blank line before the bad record
+    with pytest.raises(ValueError, match=r"m.jsonl: line 4: missing integer 'step'"):
+        plots.read_metrics(bad)
+    bad.write_text('{"step": 0}\n[1]\n')
+    with pytest.raises(ValueError, match=r"m.jsonl: line 2: expected a JSON object, got list"):
+        plots.read_metrics(bad)
+
+
+# --------------------------------------------------------------------------------------------
+# The figure registry
+# --------------------------------------------------------------------------------------------
+
+
+def test_registry_order_captions_and_claims():
+    assert plots.FIGURES == tuple(plots.list_figures())
+    assert plots.FIGURES[:3] == ("dh_scatter", "dh_vs_prob", "quadrants") and plots.FIGURES[-1] == "factor_matrix"
+    for name in plots.FIGURES:
+        spec = plots.get_figure(name)
+        assert spec.name == name
+        for text in (spec.caption, spec.claim):
+            assert text.strip() and "\n" not in text, name
+        assert all(n in plots.NEEDS for n in spec.needs), name
+    assert plots.get_figure("dh_scatter").needs == ("tokens", "tokens:dh_measured")
+    assert plots.get_figure("factor_matrix").needs == () and not plots.get_figure("factor_matrix").per_run
+    with pytest.raises(ValueError, match="unknown figure 'nope'"):
+        plots.get_figure("nope")
+
+
+def test_registry_refuses_duplicates_and_bad_specs():
+    def build(_):
+        raise AssertionError("never built")
+
+    with pytest.raises(ValueError, match="'dh_scatter' is already registered"):
+        plots.figure("dh_scatter", needs="tokens", caption="c", claim="c")(build)
+    assert plots.get_figure("dh_scatter").build is not build
+    try:
+        plots.figure("tmp_fig", caption="c", claim="c")(build)
+        with pytest.raises(ValueError, match="already registered"):
+            plots.figure("tmp_fig", caption="c", claim="c")
+    finally:
+        plots.unregister_figure("tmp_fig")
+    assert "tmp_fig" not in plots.list_figures()
+    with pytest.raises(ValueError, match="snake_case"):
+        plots.figure("Bad-Name", caption="c", claim="c")
+    with pytest.raises(ValueError, match="unknown need"):
+        plots.figure("tmp_fig", needs="tokenz", caption="c", claim="c")
+    with pytest.raises(ValueError, match="mix run parts"):
+        plots.figure("tmp_fig", needs=("tokens", "metrics"), caption="c", claim="c")
+    with pytest.raises(ValueError, match="claim must be one non-empty line"):
+        plots.figure("tmp_fig", caption="c", claim="")
+    assert "tmp_fig" not in plots.list_figures()
+
+
+def test_skip_notes_come_from_the_needs_of_any_registered_figure(tmp_path):
+    made = []
+
+    def build(run):
+        made.append(run.name)
+        return pd.DataFrame({"x": [1]}), plots.factor_matrix_figure(plots.factor_matrix_data())
+
+    plots.figure("tmp_needs_summary", needs="compare_summary", caption="cap", claim="claim")(build)
+    try:
+        full = plots.load_run(write_token_run(tmp_path / "full"))
+        bare = write_token_run(tmp_path / "bare")
+        (bare / "compare" / "summary.json").unlink()
+        tok = plots.load_run(write_token_run(tmp_path / "tok", with_compare=False))
+        built, notes = plots.build_plots([full, plots.load_run(bare), tok], ["tmp_needs_summary"])
+    finally:
+        plots.unregister_figure("tmp_needs_summary")
+    assert [p.name for p in built] == ["tmp_needs_summary__full"] and made == ["full"]
+    assert built[0].caption == "cap"
+    assert notes == [
+        f"tmp_needs_summary: made for 2 of 3 runs (no compare/compare.parquet in {tmp_path / 'tok'})",
+        f"tmp_needs_summary__bare: skipped (no compare/summary.json in {tmp_path / 'bare'})",
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# analyses/figure.py
+# --------------------------------------------------------------------------------------------
+
+ANALYSES = Path(__file__).resolve().parents[1] / "analyses"
+
+
+def _figure_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("analyses_figure", ANALYSES / "figure.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_analyses_figure_lists_exactly_the_registered_figures():
+    import subprocess
+    import sys
+
+    res = subprocess.run(
+        [sys.executable, str(ANALYSES / "figure.py"), "--list"], capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-1000:]
+    lines = res.stdout.strip().split("\n")
+    assert [line.split(": ", 1)[0] for line in lines] == list(plots.FIGURES)
+    assert [line.split(": ", 1)[1] for line in lines] == [plots.get_figure(n).claim for n in plots.FIGURES]
+
+
+def test_analyses_readme_table_is_the_registry():
+    table = "\n".join(_figure_script().readme_table())
+    assert table in (ANALYSES / "README.md").read_text(encoding="utf-8")
+    assert "## Making the cached runs" in (ANALYSES / "README.md").read_text(encoding="utf-8")
+
+
+def test_analyses_figure_rebuilds_one_figure(tmp_path, capsys):
+    script = _figure_script()
+    run = write_token_run(tmp_path / "run")
+    out = tmp_path / "figs"
+    assert script.main(["steer_weight_omega", str(run), "-o", str(out), "--dpi", "40"]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["steer_weight_omega.csv", "steer_weight_omega.png"]
+    assert f"claim: {plots.get_figure('steer_weight_omega').claim}" in printed
+    assert (out / "steer_weight_omega.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the runs lack what the figure needs: exit 2, one line on stderr, nothing written
+    assert script.main(["entropy_steps", str(run), "-o", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr()
+    assert "note: entropy_steps: skipped (no metrics.jsonl" in err.out and err.err.count("\n") == 1
+    assert not (tmp_path / "none").exists()
+    with pytest.raises(SystemExit) as exc:
+        script.main(["nope", str(run), "-o", str(out)])
+    assert exc.value.code == 2 and "unknown figure 'nope'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
 
@@ -523,7 +681,7 @@ def test_plot_cli_bad_input(tmp_path):
 
     (d / "summary.json").write_text("{oops")
     res = runner.invoke(_app(), ["plot", str(d), "-o", str(out)])
-    assert res.exit_code == 2 and "summary.json: malformed JSON" in res.output and res.output.count("\n") == 1
+    assert res.exit_code == 2 and "summary.json: line 1: malformed JSON" in res.output and res.output.count("\n") == 1
 
     (d / "tokens.parquet").write_bytes(b"not parquet")
     res = runner.invoke(_app(), ["plot", str(d), "-o", str(out)])

@@ -169,8 +169,8 @@ def test_tiny_run_schema_and_measurements(tmp_path, sft_cache, method):
 
     # step 2 recomputed from checkpoints 1 and 2 on step 2's tokens: measured ΔH = H(θ2) − H(θ1),
     # dh_jvp = ∇H(θ1)·(θ2 − θ1), and old_logp = log p under θ1
-    from entropy_lens.model.update import snapshot
     from entropy_lens.model.jvp import jvp_prediction
+    from entropy_lens.model.update import snapshot
 
     packed = pack(ids.prompt_ids, ids.response_ids, tok.pad_token_id)
     models = {k: AutoModelForCausalLM.from_pretrained(out / "checkpoints" / f"step_{k:06d}").eval() for k in (1, 2)}

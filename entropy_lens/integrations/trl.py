@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from entropy_lens.estimators import quadrant
+from entropy_lens.integrations import wants_old_entropy
 from entropy_lens.methods import (
     GRPO_EPS_HIGH,
     GRPO_EPS_LOW,
@@ -48,7 +49,6 @@ from entropy_lens.methods import (
 )
 from entropy_lens.objective import aggregate, clip_active
 from entropy_lens.tokens import TokenBatch
-from entropy_lens.integrations import wants_old_entropy
 
 try:
     import trl

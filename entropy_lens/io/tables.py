@@ -57,8 +57,8 @@ def read_json(path: str | Path) -> dict[str, Any]:
     return obj
 
 
-def read_jsonl(path: str | Path, tolerate_partial_last: bool = False) -> list[dict[str, Any]]:
-    """Records of a JSON-lines file, one object per non-blank line.
+def read_jsonl_numbered(path: str | Path, tolerate_partial_last: bool = False) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, record)`` of a JSON-lines file, one object per non-blank line (1-based).
 
     ``tolerate_partial_last``: a file that is being appended to (``metrics.jsonl``) may end in an
     incomplete line (no trailing newline, or not valid JSON); it is then dropped instead of
@@ -66,7 +66,7 @@ def read_jsonl(path: str | Path, tolerate_partial_last: bool = False) -> list[di
     """
     path = Path(path)
     lines = _read_bytes(path).split(b"\n")
-    out: list[dict[str, Any]] = []
+    out: list[tuple[int, dict[str, Any]]] = []
     for i, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -81,8 +81,31 @@ def read_jsonl(path: str | Path, tolerate_partial_last: bool = False) -> list[di
             raise InputError(f"{path}: line {i}: malformed JSON ({exc.msg})") from exc
         if not isinstance(obj, dict):
             raise InputError(f"{path}: line {i}: expected a JSON object, got {type(obj).__name__}")
-        out.append(obj)
+        out.append((i, obj))
     return out
+
+
+def read_jsonl(path: str | Path, tolerate_partial_last: bool = False) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file (:func:`read_jsonl_numbered` without the line numbers)."""
+    return [rec for _, rec in read_jsonl_numbered(path, tolerate_partial_last)]
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a trainer ``metrics.jsonl``, one JSON object per step; none when the file does
+    not exist yet.
+
+    The file may be being written: an incomplete last line is ignored. A malformed line
+    elsewhere, a non-object or a record without an integer ``step`` raises InputError naming the
+    file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = read_jsonl_numbered(path, tolerate_partial_last=True)
+    for line, rec in records:
+        if not isinstance(rec.get("step"), int) or isinstance(rec.get("step"), bool):
+            raise InputError(f"{path}: line {line}: missing integer 'step'")
+    return [rec for _, rec in records]
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

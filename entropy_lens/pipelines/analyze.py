@@ -24,7 +24,13 @@ from entropy_lens.io.rollouts import Tokenized
 from entropy_lens.io.tables import InputError, read_json, read_parquet
 from entropy_lens.io.writers import atomic_write_json, atomic_write_parquet
 from entropy_lens.model.forward import PackedBatch, response_stats
-from entropy_lens.pipelines.prepare import Prepared, prepare, token_batch, token_texts
+from entropy_lens.pipelines.prepare import (
+    BatchSettings,
+    Prepared,
+    prepare,
+    token_batch,
+    token_texts,
+)
 from entropy_lens.scoring import quadrant_table, score_frame, zero_advantage_notes
 from entropy_lens.tokens import TokenBatch, frame_grid
 
@@ -32,16 +38,10 @@ Progress = Callable[[str, int], None]
 
 
 @dataclass(frozen=True)
-class AnalyzeSettings:
-    """``lr``: η used to scale the closed-form predictions (nats per step); others as in validate."""
+class AnalyzeSettings(BatchSettings):
+    """:class:`BatchSettings` (``lr`` only scales the predictions) plus ``shard_size``: sequences
+    per resumable shard."""
 
-    lr: float = 1e-6
-    temperature: float = 1.0
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    dual_clip: float | None = 3.0
-    advantage: str = "grpo"
-    micro_batch: int = 4
     shard_size: int = 64
 
 

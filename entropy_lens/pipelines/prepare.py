@@ -20,6 +20,22 @@ from entropy_lens.tokens import TokenBatch
 
 
 @dataclass(frozen=True)
+class BatchSettings:
+    """What every pipeline on a recorded batch needs (flat values): ``lr`` η of the closed-form
+    predictions (nats per step), ``temperature`` τ of the statistics, the clip bounds
+    ``eps_low``/``eps_high``/``dual_clip`` of I_clip, the ``advantage`` estimator
+    (:data:`entropy_lens.advantages.ADVANTAGES`) and ``micro_batch`` sequences per forward."""
+
+    lr: float = 1e-6
+    temperature: float = 1.0
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: float | None = 3.0
+    advantage: str = "grpo"
+    micro_batch: int = 4
+
+
+@dataclass(frozen=True)
 class Prepared:
     """A validated rollouts frame made ready for a forward pass.
 

@@ -25,7 +25,13 @@ from entropy_lens.model.update import (
     restore,
     snapshot,
 )
-from entropy_lens.pipelines.prepare import Prepared, prepare, token_batch, token_texts
+from entropy_lens.pipelines.prepare import (
+    BatchSettings,
+    Prepared,
+    prepare,
+    token_batch,
+    token_texts,
+)
 from entropy_lens.scoring import (
     QUADRANT_LABELS,
     quadrant_table,
@@ -38,17 +44,12 @@ Progress = Callable[[str, int], None]
 
 
 @dataclass(frozen=True)
-class ValidateSettings:
-    """Settings of one validation step (flat values; no nesting)."""
+class ValidateSettings(BatchSettings):
+    """:class:`BatchSettings` with η = ``lr`` of the one real step, its ``optimizer`` (sgd or
+    adamw) and ``weight_decay``, and whether to compute ``dh_jvp`` (``jvp``)."""
 
     lr: float = 1e-4
     optimizer: str = "sgd"
-    temperature: float = 1.0
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    dual_clip: float | None = 3.0
-    advantage: str = "grpo"
-    micro_batch: int = 4
     weight_decay: float = 0.0
     jvp: bool = True
 

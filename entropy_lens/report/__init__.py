@@ -18,9 +18,15 @@ most ``max_responses`` responses (a seeded random sample) with at most ``max_tok
 
 from __future__ import annotations
 
-from .colours import ColourMode, colour_modes, token_colours
-from .data import sample_ids
-from .page import MAX_RESPONSES, MAX_TOKENS, build_report, environment, script_sha256
+from entropy_lens.report.colours import ColourMode, colour_modes, token_colours
+from entropy_lens.report.data import sample_ids
+from entropy_lens.report.page import (
+    MAX_RESPONSES,
+    MAX_TOKENS,
+    build_report,
+    environment,
+    script_sha256,
+)
 
 __all__ = [
     "MAX_RESPONSES",

@@ -18,8 +18,8 @@ import jinja2
 import numpy as np
 import pandas as pd
 
-from . import data
-from .colours import colour_modes, legend
+from entropy_lens.report import data
+from entropy_lens.report.colours import colour_modes, legend
 
 #: Default bounds on the page size.
 MAX_RESPONSES = 12

@@ -22,7 +22,7 @@ from typing import Any, Iterable
 import torch
 
 from entropy_lens import scoring
-from entropy_lens.io.tables import read_jsonl
+from entropy_lens.io.tables import read_metrics
 from entropy_lens.io.writers import atomic_write_bytes
 
 METRIC_KEYS = (
@@ -156,14 +156,6 @@ def append_record(path: str | Path, rec: dict[str, Any]) -> None:
         f.write(line)
         f.flush()
         os.fsync(f.fileno())
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a ``metrics.jsonl`` (none when the file does not exist yet); a truncated final
-    line (a kill during the last append) is ignored, any other malformed line is an error naming
-    the file and line (:func:`entropy_lens.io.tables.read_jsonl`)."""
-    p = Path(path)
-    return read_jsonl(p, tolerate_partial_last=True) if p.is_file() else []
 
 
 def truncate_metrics(path: str | Path, last_step: int) -> list[dict[str, Any]]:

@@ -15,7 +15,13 @@ from typing import Any
 
 import pandas as pd
 
-from .tables import InputError, read_json, read_jsonl, read_parquet, read_yaml
+from entropy_lens.io.tables import (
+    InputError,
+    read_json,
+    read_metrics,
+    read_parquet,
+    read_yaml,
+)
 
 #: Files that make a folder a run (at least one must exist).
 RUN_FILES = ("tokens.parquet", "compare/compare.parquet", "metrics.jsonl")
@@ -60,32 +66,6 @@ class Run:
 # ---------------------------------------------------------------------------------------------
 # metrics.jsonl and config.yaml
 # ---------------------------------------------------------------------------------------------
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """Records of a trainer ``metrics.jsonl`` (one JSON object per step).
-
-    The file may be being written: an incomplete last line (no newline, or not valid JSON) is
-    ignored. A malformed line elsewhere, a non-object or a record without an integer ``step``
-    raises ValueError naming the file and line.
-    """
-    path = Path(path)
-    records = read_jsonl(path, tolerate_partial_last=True)
-    bad = next((i for i, rec in enumerate(records) if not isinstance(rec.get("step"), int)), None)
-    if bad is not None:
-        raise InputError(f"{path}: line {_record_line_numbers(path)[bad]}: missing integer 'step'")
-    return records
-
-
-def _record_line_numbers(path: Path) -> list[int]:
-    """1-based numbers of the non-blank lines of ``path``: the line of each JSON-lines record.
-
-    Only called to name the line of a bad record. The bytes come from the reader module's own
-    file access (:mod:`entropy_lens.io.tables`), which has no public line-numbered JSONL reader.
-    """
-    from .tables import _read_bytes
-
-    return [i for i, line in enumerate(_read_bytes(path).split(b"\n"), start=1) if line.strip()]
 
 
 def _set_items(cfg: dict) -> dict[str, Any]:
@@ -150,8 +130,8 @@ def lambda_min_of(cfg: dict, method: str) -> float | None:
     v = _float(_leaf_value(_set_items(cfg), "lambda_min"))
     if v is not None:
         return v
-    if method == "steer":
-        from ..methods import params_from_dict
+    if method == "steer":  # the one reference above io: the registry's default, imported on use
+        from entropy_lens.methods import params_from_dict
 
         return float(params_from_dict("steer", {}).lambda_min)
     return None
