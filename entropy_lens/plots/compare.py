@@ -222,7 +222,7 @@ def factor_matrix_data(methods: Iterable[str] | None = None) -> pd.DataFrame:
 
 
 def factor_matrix_figure(data: pd.DataFrame, title: str = "") -> Figure:
-    """A grid: filled cell where the method touches the factor (SCIENCE.md §2 four factors)."""
+    """A grid: filled cell where the method touches the factor (docs/science.md §2.9)."""
     factors = [c for c in data.columns if c != "method"]
     m = data[factors].to_numpy(float)
     fig = new_figure(6.2, 0.42 * len(data) + 1.6)

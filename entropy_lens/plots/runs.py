@@ -109,7 +109,7 @@ def setting_label(cfg: dict) -> str:
     ``method, seed, preset, set``, and for the trainer also ``method_params``).
 
     An explicit ``setting`` (top level or in ``set``) wins; otherwise a run is ``extreme`` when
-    clipping is effectively off (SCIENCE.md §6: ε_low ≥ 0.99 or ε_high ≥ 1, read from a key ending
+    clipping is effectively off (docs/science.md §6: ε_low ≥ 0.99 or ε_high ≥ 1, read from a key ending
     in ``eps_low`` / ``eps_high``) or its preset name contains "extreme".
     """
     items = _set_items(cfg)

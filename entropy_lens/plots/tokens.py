@@ -1,7 +1,7 @@
 """Token figures from ``tokens.parquet``: predicted vs measured ΔH, ΔH vs probability, quadrants.
 
 Units: entropies and entropy changes are in nats; ``omega_code`` is turned into a ΔH prediction
-with −η/L (:func:`entropy_lens.estimators.scaled_prediction`). Quadrants follow SCIENCE.md §2
+with −η/L (:func:`entropy_lens.estimators.scaled_prediction`). Quadrants follow docs/science.md §2.8
 (sign ΔH = sign(−A·(log p + H)); log p + H > 0 ⇔ p > e^{−H}).
 """
 
@@ -14,6 +14,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from entropy_lens.plots.frames import check_columns
+from entropy_lens.scoring import quadrant_table
 from entropy_lens.plots.style import (
     ESTIMATOR_LABELS,
     QUADRANT_COLORS,
@@ -233,16 +234,10 @@ def quadrants_data(tokens: pd.DataFrame, lr: float | None, n_tokens: int | None)
     if "dh_measured" in tokens.columns:
         cols["dh_measured"] = tokens["dh_measured"].to_numpy(np.float64)
     cols.update(predicted_columns(tokens, lr, n_tokens))
-    frame = pd.DataFrame({"quadrant": q, **cols})
-    g = frame.groupby("quadrant")
-    out = pd.DataFrame({"n_tokens": g.size()})
-    out["token_share"] = out["n_tokens"] / len(frame)
-    for c in cols:
-        out[c] = g[c].sum()
-    out = out.reindex(range(5)).fillna(0.0)
+    table = quadrant_table(q, cols)  # Q0..Q4: n_tokens, token_share, sums
+    out = pd.DataFrame.from_dict(table, orient="index")
     out.index.name = "quadrant"
     long = out.reset_index().melt(id_vars="quadrant", var_name="quantity", value_name="value")
-    long["quadrant"] = "Q" + long["quadrant"].astype(int).astype(str)
     return long
 
 

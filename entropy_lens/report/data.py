@@ -19,7 +19,7 @@ from entropy_lens.estimators import QUADRANT_READING
 from entropy_lens.plots import ESTIMATOR_LABELS, predicted_columns, quadrants_data
 from entropy_lens.report.colours import ColourMode, colour_table
 
-#: Caption of the quadrant table (SCIENCE.md §2 quadrants).
+#: Caption of the quadrant table (docs/science.md §2.8).
 QUADRANT_CAPTION = "quadrants (Q0: A = 0; Q1 A>0 likely; Q2 A>0 rare; Q3 A<0 rare; Q4 A<0 likely)"
 
 

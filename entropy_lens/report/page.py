@@ -76,7 +76,7 @@ def _check_frame(tokens: pd.DataFrame, max_responses: int, max_tokens: int) -> N
 
 
 def with_quadrants(tokens: pd.DataFrame) -> pd.DataFrame:
-    """A copy of the frame with a ``quadrant`` column (SCIENCE.md §2, from logp, entropy and adv
+    """A copy of the frame with a ``quadrant`` column (docs/science.md §2.8, from logp, entropy and adv
     when the frame has none)."""
     tokens = tokens.copy()
     if "quadrant" not in tokens:
