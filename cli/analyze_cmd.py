@@ -9,10 +9,17 @@ from typing import Optional
 import typer
 
 from entropy_lens_cli.common import (
+    add_command,
+    check_choice,
+    check_int,
+    check_non_negative,
+    check_positive,
     console,
     default_rollouts,
+    input_id,
+    load_checkpoint,
+    prepare_out_dir,
     stage_progress,
-    user_errors,
     write_run,
 )
 
@@ -29,61 +36,87 @@ def analyze(
     advantage: str = typer.Option("grpo", "--advantage", help="grpo, dr_grpo, rloo or opo."),
     shard_size: int = typer.Option(64, "--shard-size", help="Sequences per resumable shard."),
     micro_batch: int = typer.Option(4, "--micro-batch"),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle-format weights (runs code from the file)."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Write the figures the run supports into OUT/figures."),
     out: Path = typer.Option(..., "--out", "-o"),
 ) -> None:
     """Per-token statistics, estimators and quadrants of a checkpoint on rollouts (resumable);
     tokens.parquet, summary.json and figures/ (PNG + CSV) in OUT."""
     from entropy_lens.io import rollouts as ro
-    from entropy_lens.model.load import load_model
-    from entropy_lens.pipelines.analyze import (
-        AnalyzeSettings,
-        check_same_vocab,
-        run_analyze,
-    )
+    from entropy_lens.pipelines.analyze import AnalyzeSettings
 
-    with user_errors():
-        if not lr > 0:
-            raise ValueError(f"--lr must be > 0, got {lr}")
-        src = rollouts if rollouts is not None else default_rollouts()
-        frame = ro.load_rollouts(src)
-        if reward is not None:
-            from entropy_lens.rewards import score_batch
+    check_analyze_options(reward, lr, temperature, eps_low, eps_high, advantage, shard_size, micro_batch)
+    src = rollouts if rollouts is not None else default_rollouts()
+    options = {"model": input_id(model, "bundled"), "next_model": input_id(next_model, ""), "rollouts": input_id(src, ""),
+               "reward": reward, "lr": lr, "temperature": temperature, "eps_low": eps_low, "eps_high": eps_high,
+               "advantage": advantage, "shard_size": shard_size}
+    settings = AnalyzeSettings(lr=lr, temperature=temperature, eps_low=eps_low, eps_high=eps_high,
+                               advantage=advantage, micro_batch=micro_batch, shard_size=shard_size)
+    with prepare_out_dir(out, "analyze", options):
+        frame = with_rewards(ro.load_rollouts(src), reward, src)
+        summary = analyze_into(out, frame, src, model, next_model, settings, allow_pickle, options)
+        print_analysis(summary)
+        console.print(f"wrote {out}/tokens.parquet, {out}/summary.json")
+        if figures:
+            from entropy_lens.plots import save_run_figures
 
-            if "ground_truth" not in frame.columns:
-                raise ValueError(f"{src}: --reward {reward} needs a ground_truth column")
-            frame["reward"] = score_batch(frame["response"].tolist(), frame["ground_truth"].astype(str).tolist(), reward)
-        elif "reward" not in frame.columns:
-            from entropy_lens.rewards import score_batch
-
-            frame["reward"] = score_batch(frame["response"].tolist(), frame["ground_truth"].astype(str).tolist(), "math")
-        t0 = time.time()
-        with console.status("loading model"):
-            mdl, tok = load_model(model, allow_pickle=allow_pickle)
-            nxt = None
-            if next_model is not None:
-                nxt, tok2 = load_model(next_model, allow_pickle=allow_pickle)
-                check_same_vocab(mdl, nxt, str(next_model))
-        settings = AnalyzeSettings(lr=lr, temperature=temperature, eps_low=eps_low, eps_high=eps_high,
-                                   advantage=advantage, micro_batch=micro_batch, shard_size=shard_size)
-        n_tok = estimate_tokens(frame, tok)
-        with stage_progress({"tokens": n_tok}) as advance:
-            tokens, summary = run_analyze(mdl, tok, frame, settings, out / "shards", next_model=nxt,
-                                          model_names=(str(model or "bundled"), str(next_model or "")),
-                                          source=str(src), progress=advance)
-        summary.update(model=str(model or "bundled:smollm2-135m-instruct"), next_model=next_model, rollouts=str(src),
-                       wall_seconds=round(time.time() - t0, 1))
-        write_run(out, tokens, summary, {"command": "analyze", "model": summary["model"], "next_model": next_model,
-                                         "rollouts": str(src), **summary["settings"]})
-    print_analysis(summary)
-    console.print(f"wrote {out}/tokens.parquet, {out}/summary.json")
-    if figures:
-        from entropy_lens.plots import save_run_figures
-
-        with user_errors():
             names = save_run_figures(out, out / "figures")
-        console.print(f"wrote {len(names)} figures (PNG + CSV) to {out}/figures: {', '.join(names)}")
+            console.print(f"wrote {len(names)} figures (PNG + CSV) to {out}/figures: {', '.join(names)}")
+
+
+def check_analyze_options(reward: Optional[str], lr: float, temperature: float, eps_low: float, eps_high: float,
+                          advantage: str, shard_size: int, micro_batch: int) -> None:
+    """Every option of ``analyze`` in range (one line naming the option, before any work)."""
+    from entropy_lens.advantages import ADVANTAGES
+
+    if reward is not None:
+        check_choice("--reward", reward, ("math", "dapo"))
+    check_positive("--lr", lr)
+    check_positive("--temperature", temperature)
+    check_non_negative("--eps-low", eps_low)
+    check_non_negative("--eps-high", eps_high, allow_inf=True)
+    check_choice("--advantage", advantage, list(ADVANTAGES))
+    check_int("--shard-size", shard_size)
+    check_int("--micro-batch", micro_batch)
+
+
+def with_rewards(frame, reward: Optional[str], src: Path):
+    """``frame`` with a ``reward`` column: ground_truth scored with ``reward`` when given (or when
+    the rollouts carry no reward, with math-verify), else as recorded."""
+    from entropy_lens.rewards import score_batch
+
+    if reward is not None:
+        if "ground_truth" not in frame.columns:
+            raise ValueError(f"{src}: --reward {reward} needs a ground_truth column")
+        frame["reward"] = score_batch(frame["response"].tolist(), frame["ground_truth"].astype(str).tolist(), reward)
+    elif "reward" not in frame.columns:
+        frame["reward"] = score_batch(frame["response"].tolist(), frame["ground_truth"].astype(str).tolist(), "math")
+    return frame
+
+
+def analyze_into(out: Path, frame, src: Path, model: Optional[str], next_model: Optional[str], settings,
+                 allow_pickle: bool, options: dict) -> dict:
+    """Load the checkpoint(s), run the analysis (shards in OUT/shards) and write the run; returns
+    the summary."""
+    from entropy_lens.pipelines.analyze import check_same_vocab, run_analyze
+
+    t0 = time.time()
+    with console.status("loading model"):
+        mdl, tok = load_checkpoint("--model", model, allow_pickle)
+        nxt = None
+        if next_model is not None:
+            nxt, _ = load_checkpoint("--next-model", next_model, allow_pickle)
+            check_same_vocab(mdl, nxt, str(next_model))
+    n_tok = estimate_tokens(frame, tok)
+    with stage_progress({"tokens": n_tok}) as advance:
+        tokens, summary = run_analyze(mdl, tok, frame, settings, out / "shards", next_model=nxt,
+                                      model_names=(str(model or "bundled"), str(next_model or "")),
+                                      source=str(src), progress=advance)
+    summary.update(model=str(model or "bundled:smollm2-135m-instruct"), next_model=next_model, rollouts=str(src),
+                   wall_seconds=round(time.time() - t0, 1))
+    write_run(out, tokens, summary, {"command": "analyze", "model": summary["model"], "next_model": next_model,
+                                     "rollouts": str(src), **summary["settings"]}, options)
+    return summary
 
 
 def estimate_tokens(frame, tokenizer) -> int:
@@ -113,4 +146,4 @@ def print_analysis(summary: dict) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("analyze")(analyze)
+    add_command(app, "analyze", analyze)

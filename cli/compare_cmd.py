@@ -26,7 +26,15 @@ from entropy_lens.pipelines.compare import (
     compare_methods,
     validate_tokens_frame,
 )
-from entropy_lens_cli.common import console, user_errors
+from entropy_lens_cli.common import (
+    add_command,
+    check_choice,
+    check_positive,
+    console,
+    input_id,
+    prepare_out_dir,
+    recorded,
+)
 
 
 def parse_overrides(items: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
@@ -40,9 +48,6 @@ def parse_overrides(items: list[str], methods: list[str]) -> dict[str, dict[str,
     for meth, values in out.items():
         params_from_dict(meth, values)
     return out
-
-
-
 
 
 def _fmt(x: Any) -> str:
@@ -66,26 +71,33 @@ def compare(
     model: Annotated[Optional[str], typer.Option("--model", help="with --measure: HF folder or verl checkpoint (default: bundled model)")] = None,
     rollouts: Annotated[Optional[Path], typer.Option("--rollouts", "-r", help="with --measure: the rollouts TOKENS was computed from")] = None,
     optimizer: Annotated[str, typer.Option("--optimizer", help="with --measure: sgd or adamw")] = "sgd",
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="with --measure: allow loading pickle-format weights (runs code from the file)")] = False,
 ) -> None:
     """Predict each method's entropy change on one recorded batch (closed-form estimators)."""
     methods = list(method) if method else list_methods()
-    with user_errors():
-        for m in methods:
-            get_method(m)
-        if len(set(methods)) != len(methods):
-            raise ValueError("a method is listed more than once")
-        overrides = parse_overrides(list(set_ or []), methods)
+    for m in methods:
+        get_method(m)
+    if len(set(methods)) != len(methods):
+        raise ValueError("-m/--method: a method is listed more than once")
+    overrides = parse_overrides(list(set_ or []), methods)
+    check_positive("--lr", lr)
+    check_choice("--optimizer", optimizer, ("sgd", "adamw"))
+    options = {"tokens": input_id(tokens, ""), "method": methods, "set": list(set_ or []), "lr": lr, "seed": seed,
+               "measure": measure}
+    if measure:
+        options.update(model=input_id(model, "bundled"), rollouts=input_id(rollouts, "shipped"), optimizer=optimizer)
+    with prepare_out_dir(out, "compare", options):
         df = read_parquet(tokens)
         try:
             validate_tokens_frame(df)
             long_df, summary = compare_methods(df, methods, overrides, lr=lr, seed=seed)
         except ValueError as e:
             raise ValueError(f"{tokens}: {e}") from e
-    if measure:
-        long_df, summary = _measure(long_df, summary, df, methods, overrides, lr, seed, model, rollouts, optimizer)
-    summary = {"command": "compare", "tokens": str(tokens), "methods_requested": methods, "overrides": overrides,
-               "versions": versions(), **summary}
-    with user_errors():
+        if measure:
+            long_df, summary = _measure(long_df, summary, df, methods, overrides, lr, seed,
+                                        (model, allow_pickle), rollouts, optimizer)
+        summary = {"command": "compare", "tokens": str(tokens), "methods_requested": methods, "overrides": overrides,
+                   "options": recorded(options), "versions": versions(), **summary}
         atomic_write_files(out, {"compare.parquet": long_df, "summary.json": summary})
     console.print(_results_table(summary, lr, measure))
     console.print(f"wrote {out / 'compare.parquet'} and {out / 'summary.json'}")
@@ -107,31 +119,31 @@ def _results_table(summary: dict, lr: float, measure: bool) -> Table:
     return table
 
 
-def _measure(long_df, summary, tokens_df, methods, overrides, lr, seed, model, rollouts, optimizer):
-    """Measured ΔH of one real step per method, merged into ``long_df`` and ``summary``."""
+def _measure(long_df, summary, tokens_df, methods, overrides, lr, seed, model_spec, rollouts, optimizer):
+    """Measured ΔH of one real step per method, merged into ``long_df`` and ``summary``;
+    ``model_spec``: ``(--model, --allow-pickle)``."""
     import numpy as np
 
     from entropy_lens.io.rollouts import load_rollouts
-    from entropy_lens.model.load import load_model
     from entropy_lens.pipelines.compare import measure_methods
     from entropy_lens.pipelines.validate import ValidateSettings
-    from entropy_lens_cli.common import default_rollouts, stage_progress
+    from entropy_lens_cli.common import (
+        default_rollouts,
+        load_checkpoint,
+        stage_progress,
+    )
 
-    with user_errors():
-        if optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"--optimizer must be sgd or adamw, got {optimizer!r}")
-        if not lr > 0:
-            raise ValueError("--measure needs --lr > 0")
-        src = rollouts if rollouts is not None else default_rollouts()
-        frame = load_rollouts(src)
-        mdl, tok = load_model(model)
-        with stage_progress({"methods": len(methods)}) as advance:
-            meas_df, totals = measure_methods(mdl, tok, frame, methods, overrides,
-                                              ValidateSettings(lr=lr, optimizer=optimizer), seed, str(src), advance)
-        n_rows = int(meas_df["method"].eq(methods[0]).sum())
-        if n_rows != len(tokens_df):
-            raise ValueError(f"{src}: gives {n_rows} response tokens but the tokens file has {len(tokens_df)}; "
-                             "pass the rollouts the tokens file was computed from")
+    model, allow_pickle = model_spec
+    src = rollouts if rollouts is not None else default_rollouts()
+    frame = load_rollouts(src)
+    mdl, tok = load_checkpoint("--model", model, allow_pickle)
+    with stage_progress({"methods": len(methods)}) as advance:
+        meas_df, totals = measure_methods(mdl, tok, frame, methods, overrides,
+                                          ValidateSettings(lr=lr, optimizer=optimizer), seed, str(src), advance)
+    n_rows = int(meas_df["method"].eq(methods[0]).sum())
+    if n_rows != len(tokens_df):
+        raise ValueError(f"{src}: gives {n_rows} response tokens but the tokens file has {len(tokens_df)}; "
+                         "pass the rollouts the tokens file was computed from")
     long_df = long_df.merge(meas_df, on=["method", "sample", "pos"], how="left")
     for name, res in summary["methods"].items():
         t = totals[name]
@@ -161,5 +173,5 @@ def methods() -> None:
 
 def register(app: typer.Typer) -> None:
     """Add the ``compare`` and ``methods`` commands to the main app."""
-    app.command("compare")(compare)
-    app.command("methods")(methods)
+    add_command(app, "compare", compare)
+    add_command(app, "methods", methods)

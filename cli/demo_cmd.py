@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 from entropy_lens_cli.common import (
+    add_command,
+    check_int,
+    check_positive,
     console,
     default_rollouts,
     estimator_table,
+    load_checkpoint,
+    prepare_out_dir,
+    run_config,
     stage_progress,
-    user_errors,
     write_run,
 )
 
 
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run directory."),
-    prompts: int = typer.Option(6, "--prompts", help="Shipped GSM8K problems to sample."),
+    prompts: Optional[int] = typer.Option(None, "--prompts", help="Shipped GSM8K problems to sample (default: all of them)."),
     n: int = typer.Option(4, "-n", help="Responses per problem."),
     max_new_tokens: int = typer.Option(96, "--max-new-tokens"),
     lr: float = typer.Option(1e-4, "--lr", help="SGD learning rate of the validation step."),
@@ -30,56 +36,23 @@ def demo(
     The analyzed batch is the fresh samples plus the shipped rollouts of the same model on the same
     problems, so that it holds groups with mixed rewards (non-zero advantages) even when every
     fresh sample is wrong."""
-    from entropy_lens.io import rollouts as ro
     from entropy_lens.io.datasets import load_prompts
-    from entropy_lens.io.writers import atomic_write_json, atomic_write_parquet
-    from entropy_lens.methods import list_methods
-    from entropy_lens.model.load import load_model
-    from entropy_lens.pipelines.analyze import AnalyzeSettings, run_analyze
-    from entropy_lens.pipelines.compare import compare_methods
-    from entropy_lens.pipelines.sample import sample_rollouts
-    from entropy_lens.pipelines.validate import ValidateSettings, run_validate
 
+    check_int("--prompts", prompts)
+    check_int("-n", n)
+    check_int("--max-new-tokens", max_new_tokens)
+    check_positive("--lr", lr)
+    options = {"prompts": prompts, "n": n, "max_new_tokens": max_new_tokens, "lr": lr, "seed": seed}
     t0 = time.time()
-    with user_errors():
-        with console.status("loading the bundled model (first run converts it into the cache, ~1 min)"):
-            model, tok = load_model(None)
+    with prepare_out_dir(out, "demo", options):
         table = load_prompts("gsm8k-demo", prompts)
-        rollouts_path = out / "rollouts.parquet"
-        if rollouts_path.exists():
-            console.print(f"reusing {rollouts_path}")
-        else:
-            with stage_progress({"sample": len(table) * n}) as advance:
-                fresh = sample_rollouts(model, tok, table, n=n, max_new_tokens=max_new_tokens, seed=seed,
-                                        batch_size=len(table) * n, progress=lambda k: advance("sample", k))
-            acc = float((fresh["reward"] > 0).mean())
-            console.print(f"[bold]1. sampled[/] {len(fresh)} responses to {len(table)} shipped GSM8K problems, "
-                          f"accuracy {acc:.3f}")
-            atomic_write_parquet(rollouts_path, demo_batch(fresh, ro.read_table(default_rollouts())))
-        rollouts = ro.load_rollouts(rollouts_path)
-        console.print(f"   batch: {len(rollouts)} responses = the fresh samples + the {int(rollouts['source'].eq('shipped').sum())} "
-                      "shipped rollouts of the same model (so that some groups have mixed rewards)", soft_wrap=True)
-
-        a_set = AnalyzeSettings(lr=lr)
-        n_tok = int(sum(len(r) for r in rollouts["response_ids"]))
-        with stage_progress({"tokens": n_tok}) as advance:
-            tokens, summary = run_analyze(model, tok, rollouts, a_set, out / "analyze" / "shards", source=str(rollouts_path),
-                                          progress=advance)
-        write_run(out / "analyze", tokens, summary, {"command": "demo/analyze", "lr": lr})
-        q = summary["quadrants"]
-        console.print("[bold]2. analyzed[/] " + ", ".join(f"{k}: {v['token_share']:.2f}" for k, v in q.items()) + " (token shares)")
-
-        v_set = ValidateSettings(lr=lr, optimizer="sgd")
-        B = len(rollouts)
-        with stage_progress({"forward": B, "update": B, "forward after": B, "jvp": B}) as advance:
-            vtokens, vsummary = run_validate(model, tok, rollouts, v_set, str(rollouts_path), progress=advance)
-        write_run(out / "validate", vtokens, vsummary, {"command": "demo/validate", "lr": lr, "optimizer": "sgd"})
-        console.print(estimator_table(vsummary["estimators"], f"3. ΔH estimators vs one real SGD step (lr={lr:g})"))
-
-        long_df, csummary = compare_methods(vtokens, list_methods(), {}, lr=lr, seed=seed)
-        atomic_write_parquet(out / "validate" / "compare" / "compare.parquet", long_df)
-        atomic_write_json(out / "validate" / "compare" / "summary.json", csummary)
-        console.print(f"[bold]4. compared[/] {len(list_methods())} methods on the same tokens")
+        if prompts is not None and len(table) < prompts:
+            console.print(f"note: the shipped gsm8k-demo set has {len(table)} problems; using all {len(table)} "
+                          f"(--prompts {prompts})", soft_wrap=True)
+        with console.status("loading the bundled model (first run converts it into the cache, ~1 min)"):
+            model, tok = load_checkpoint("--model", None)
+        rollouts, rollouts_path = demo_rollouts(out, model, tok, table, n, max_new_tokens, seed, options)
+        run_stages(out, model, tok, rollouts, rollouts_path, lr, seed)
         made = render_outputs(out)
     console.print(f"\n[bold]done in {time.time() - t0:.0f} s.[/] {out}/ holds:")
     for line in [
@@ -90,6 +63,60 @@ def demo(
         *made,
     ]:
         console.print(f"  {line}", soft_wrap=True)
+
+
+def demo_rollouts(out: Path, model, tok, table, n: int, max_new_tokens: int, seed: int, options: dict):
+    """The demo's batch: OUT/rollouts.parquet when a demo with the same options wrote it, else
+    fresh samples + the shipped rollouts, written together with OUT/config.yaml (the options)."""
+    from entropy_lens.io import rollouts as ro
+    from entropy_lens.io.writers import atomic_write_files, versions
+    from entropy_lens.pipelines.sample import sample_rollouts
+
+    rollouts_path = out / "rollouts.parquet"
+    if rollouts_path.exists():
+        console.print(f"reusing {rollouts_path}")
+    else:
+        with stage_progress({"sample": len(table) * n}) as advance:
+            fresh = sample_rollouts(model, tok, table, n=n, max_new_tokens=max_new_tokens, seed=seed,
+                                    batch_size=len(table) * n, progress=lambda k: advance("sample", k))
+        acc = float((fresh["reward"] > 0).mean())
+        console.print(f"[bold]1. sampled[/] {len(fresh)} responses to {len(table)} shipped GSM8K problems, "
+                      f"accuracy {acc:.3f}")
+        atomic_write_files(out, {"rollouts.parquet": demo_batch(fresh, ro.read_table(default_rollouts())),
+                                 "config.yaml": run_config({"command": "demo"}, options, versions())})
+    rollouts = ro.load_rollouts(rollouts_path)
+    console.print(f"   batch: {len(rollouts)} responses = the fresh samples + the {int(rollouts['source'].eq('shipped').sum())} "
+                  "shipped rollouts of the same model (so that some groups have mixed rewards)", soft_wrap=True)
+    return rollouts, rollouts_path
+
+
+def run_stages(out: Path, model, tok, rollouts, rollouts_path: Path, lr: float, seed: int) -> None:
+    """analyze → validate → compare on the demo batch, each into its own sub-folder of OUT."""
+    from entropy_lens.io.writers import atomic_write_json, atomic_write_parquet
+    from entropy_lens.methods import list_methods
+    from entropy_lens.pipelines.analyze import AnalyzeSettings, run_analyze
+    from entropy_lens.pipelines.compare import compare_methods
+    from entropy_lens.pipelines.validate import ValidateSettings, run_validate
+
+    n_tok = int(sum(len(r) for r in rollouts["response_ids"]))
+    with stage_progress({"tokens": n_tok}) as advance:
+        tokens, summary = run_analyze(model, tok, rollouts, AnalyzeSettings(lr=lr), out / "analyze" / "shards",
+                                      source=str(rollouts_path), progress=advance)
+    write_run(out / "analyze", tokens, summary, {"command": "demo/analyze", "lr": lr})
+    q = summary["quadrants"]
+    console.print("[bold]2. analyzed[/] " + ", ".join(f"{k}: {v['token_share']:.2f}" for k, v in q.items()) + " (token shares)")
+
+    B = len(rollouts)
+    with stage_progress({"forward": B, "update": B, "forward after": B, "jvp": B}) as advance:
+        vtokens, vsummary = run_validate(model, tok, rollouts, ValidateSettings(lr=lr, optimizer="sgd"),
+                                         str(rollouts_path), progress=advance)
+    write_run(out / "validate", vtokens, vsummary, {"command": "demo/validate", "lr": lr, "optimizer": "sgd"})
+    console.print(estimator_table(vsummary["estimators"], f"3. ΔH estimators vs one real SGD step (lr={lr:g})"))
+
+    long_df, csummary = compare_methods(vtokens, list_methods(), {}, lr=lr, seed=seed)
+    atomic_write_parquet(out / "validate" / "compare" / "compare.parquet", long_df)
+    atomic_write_json(out / "validate" / "compare" / "summary.json", csummary)
+    console.print(f"[bold]4. compared[/] {len(list_methods())} methods on the same tokens")
 
 
 def demo_batch(fresh, shipped):
@@ -118,4 +145,4 @@ def render_outputs(out: Path) -> list[str]:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("demo")(demo)
+    add_command(app, "demo", demo)

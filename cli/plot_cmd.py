@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from entropy_lens_cli.common import fail
+from entropy_lens_cli.common import add_command, fail
 
 
 def plot(
@@ -55,4 +55,4 @@ def plot(
 
 def register(app: typer.Typer) -> None:
     """Add the ``plot`` command to the main app."""
-    app.command("plot")(plot)
+    add_command(app, "plot", plot)

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from entropy_lens_cli.common import fail
+from entropy_lens_cli.common import add_command, fail
 
 
 def report(
@@ -72,4 +72,4 @@ def report(
 
 def register(app: typer.Typer) -> None:
     """Add the ``report`` command to the main app."""
-    app.command("report")(report)
+    add_command(app, "report", report)

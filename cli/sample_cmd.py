@@ -7,7 +7,30 @@ from typing import Optional
 
 import typer
 
-from entropy_lens_cli.common import console, stage_progress, user_errors
+from entropy_lens_cli.common import (
+    add_command,
+    check_choice,
+    check_int,
+    check_positive,
+    console,
+    load_checkpoint,
+    prepare_out_file,
+    stage_progress,
+)
+
+
+def check_sample_options(n: int, prompts: Optional[int], temperature: float, max_new_tokens: int, reward: str,
+                         convention: str, batch_size: int) -> None:
+    """Every option of ``sample`` in range (one line naming the option, before any work)."""
+    from entropy_lens.rewards import REWARDS
+
+    check_int("-n", n)
+    check_int("--prompts", prompts)
+    check_positive("--temperature", temperature)
+    check_int("--max-new-tokens", max_new_tokens)
+    check_choice("--reward", reward, list(REWARDS))
+    check_choice("--convention", convention, ("pm1", "01"))
+    check_int("--batch-size", batch_size)
 
 
 def sample(
@@ -21,26 +44,25 @@ def sample(
     convention: str = typer.Option("pm1", "--convention", help="pm1 (±1) or 01."),
     seed: int = typer.Option(0, "--seed"),
     batch_size: int = typer.Option(16, "--batch-size", help="Responses generated together."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle-format weights (runs code from the file)."),
     out: Path = typer.Option(..., "--out", "-o", help="Rollouts file to write (.parquet or .jsonl)."),
 ) -> None:
     """Sample real rollouts with exact token ids and behaviour log-probs, scored by a verifier."""
     from entropy_lens.io.datasets import load_prompts
-    from entropy_lens.model.load import load_model
     from entropy_lens.pipelines.sample import sample_rollouts
-    from entropy_lens.rewards import get_reward_fn
 
-    with user_errors():
-        if out.suffix not in (".parquet", ".jsonl"):
-            raise ValueError(f"{out}: output must end in .parquet or .jsonl")
-        get_reward_fn(reward)
-        table = load_prompts(dataset, prompts)
-        with console.status("loading model"):
-            mdl, tok = load_model(model)
-        with stage_progress({"responses": len(table) * n}) as advance:
-            frame = sample_rollouts(mdl, tok, table, n=n, temperature=temperature, max_new_tokens=max_new_tokens,
-                                    seed=seed, reward=reward, convention=convention, batch_size=batch_size,
-                                    progress=lambda k: advance("responses", k))
-        write_rollout_file(out, frame)
+    check_sample_options(n, prompts, temperature, max_new_tokens, reward, convention, batch_size)
+    prepare_out_file(out, (".parquet", ".jsonl"))
+    table = load_prompts(dataset, prompts)
+    if prompts is not None and len(table) < prompts:
+        console.print(f"note: {dataset} has {len(table)} prompts; sampling all {len(table)} (--prompts {prompts})", soft_wrap=True)
+    with console.status("loading model"):
+        mdl, tok = load_checkpoint("--model", model, allow_pickle)
+    with stage_progress({"responses": len(table) * n}) as advance:
+        frame = sample_rollouts(mdl, tok, table, n=n, temperature=temperature, max_new_tokens=max_new_tokens,
+                                seed=seed, reward=reward, convention=convention, batch_size=batch_size,
+                                progress=lambda k: advance("responses", k))
+    write_rollout_file(out, frame)
     acc = float((frame["reward"] > 0).mean())
     console.print(f"wrote {len(frame)} rollouts ({len(table)} prompts × {n}) to {out}; accuracy {acc:.3f}")
 
@@ -56,4 +78,4 @@ def write_rollout_file(out: Path, frame) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("sample")(sample)
+    add_command(app, "sample", sample)

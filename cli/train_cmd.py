@@ -4,7 +4,7 @@
                        [--seed S] [--steps N] -o DIR [--resume]
 
 Exit codes: 0 done; 2 user error (one line on stderr: unknown preset/method/key, bad value, a
-reward function that raised, a run folder in the way); 3 the run diverged (non-finite loss; the
+reward function that raised, a run folder in the way or being written by another command); 3 the run diverged (non-finite loss; the
 last good checkpoint is kept and named).
 """
 
@@ -24,7 +24,15 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from entropy_lens_cli.common import EXIT_DIVERGED, console, err_console, fail
+from entropy_lens_cli.common import (
+    EXIT_DIVERGED,
+    add_command,
+    check_int,
+    console,
+    err_console,
+    fail,
+    prepare_out_dir,
+)
 
 
 def resolve_run_config(
@@ -59,13 +67,18 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in -o from its newest checkpoint")] = False,
 ) -> None:
     """Train with GRPO or any registered intervention and log predicted vs measured entropy change."""
+    check_int("--steps", steps)
+    cfg, overrides = resolve_run_config(preset, method, list(set_ or []), seed, steps, out, resume)
+    with prepare_out_dir(out, "train", None):
+        summary = _run(cfg, out, resume, overrides)
+    _print_summary(cfg, summary)
+    console.print(f"wrote {out}/metrics.jsonl, rollouts/, checkpoints/, config.yaml, summary.json")
+
+
+def _run(cfg, out: Path, resume: bool, overrides: dict[str, str]) -> dict[str, Any]:
+    """The run with progress bars (SFT, RL steps); a diverged run exits with EXIT_DIVERGED."""
     from entropy_lens.train import TrainingDiverged
     from entropy_lens.train import train as run_training
-
-    try:
-        cfg, overrides = resolve_run_config(preset, method, list(set_ or []), seed, steps, out, resume)
-    except ValueError as exc:
-        fail(str(exc))
 
     with Progress(
         TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -87,14 +100,14 @@ def train(
                             info=f"acc {r['accuracy']:.3f}  H {r['entropy_mean']:.3f}  ΔH {r['dh_measured']:+.2f}{ev}")
 
         try:
-            summary = run_training(cfg, out, resume=resume, set_items=overrides, progress=progress)
+            return run_training(cfg, out, resume=resume, set_items=overrides, progress=progress)
         except TrainingDiverged as exc:
             prog.stop()
             fail(str(exc), EXIT_DIVERGED)
-        except ValueError as exc:
-            prog.stop()
-            fail(str(exc))
 
+
+def _print_summary(cfg, summary: dict[str, Any]) -> None:
+    """The run's table: entropy and accuracy, first → last, pass@k, wall time."""
     t = Table(title=f"{cfg.preset} · {cfg.method} · seed {cfg.seed}")
     t.add_column("quantity")
     t.add_column("value", justify="right")
@@ -109,9 +122,8 @@ def train(
         t.add_row("pass@k (eval set)", "  ".join(f"@{k} {v:.3f}" for k, v in summary["pass_at_k"].items()))
     t.add_row("wall time of the RL steps (s)", f"{summary['wall_s_steps']:.1f}")
     console.print(t)
-    console.print(f"wrote {out}/metrics.jsonl, rollouts/, checkpoints/, config.yaml, summary.json")
 
 
 def register(app: typer.Typer) -> None:
     """Add the ``train`` command to the main app."""
-    app.command("train")(train)
+    add_command(app, "train", train)

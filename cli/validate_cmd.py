@@ -9,14 +9,33 @@ from typing import Optional
 import typer
 
 from entropy_lens_cli.common import (
+    add_command,
+    check_choice,
+    check_int,
+    check_non_negative,
+    check_positive,
     console,
     default_rollouts,
     estimator_table,
-    fail,
+    input_id,
+    load_checkpoint,
+    prepare_out_dir,
     stage_progress,
-    user_errors,
     write_run,
 )
+
+
+def check_validate_options(lr: float, optimizer: str, temperature: float, eps_low: float, eps_high: float,
+                           micro_batch: int, max_samples: Optional[int], max_len: Optional[int] = None) -> None:
+    """Every option of ``validate`` in range (one line naming the option, before any work)."""
+    check_choice("--optimizer", optimizer, ("sgd", "adamw"))
+    check_positive("--lr", lr)
+    check_positive("--temperature", temperature)
+    check_non_negative("--eps-low", eps_low)
+    check_non_negative("--eps-high", eps_high, allow_inf=True)
+    check_int("--micro-batch", micro_batch)
+    check_int("--max-samples", max_samples)
+    check_int("--max-len", max_len)
 
 
 def validate(
@@ -29,21 +48,21 @@ def validate(
     eps_high: float = typer.Option(0.2, "--eps-high"),
     micro_batch: int = typer.Option(4, "--micro-batch", help="Sequences per forward/backward."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Use only the first N responses."),
+    max_len: Optional[int] = typer.Option(None, "--max-len", help="Cut every response to its first N tokens (noted in summary.json); for runs that would not fit in memory."),
     no_jvp: bool = typer.Option(False, "--no-jvp", help="Skip the parameter-space JVP estimator."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle-format weights (runs code from the file)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory to write."),
 ) -> None:
     """Estimators vs the measured ΔH of one real optimizer step (writes tokens.parquet, summary.json)."""
     from entropy_lens.io import rollouts as ro
-    from entropy_lens.model.load import load_model
     from entropy_lens.pipelines.validate import ValidateSettings, run_validate
 
-    with user_errors():
-        if optimizer not in ("sgd", "adamw"):
-            fail(f"--optimizer must be sgd or adamw, got {optimizer!r}")
-        if not lr > 0:
-            fail(f"--lr must be > 0, got {lr}")
-        src = rollouts if rollouts is not None else default_rollouts()
+    check_validate_options(lr, optimizer, temperature, eps_low, eps_high, micro_batch, max_samples, max_len)
+    src = rollouts if rollouts is not None else default_rollouts()
+    options = {"model": input_id(model, "bundled"), "rollouts": input_id(src, ""), "lr": lr, "optimizer": optimizer,
+               "temperature": temperature, "eps_low": eps_low, "eps_high": eps_high, "max_samples": max_samples,
+               "max_len": max_len, "jvp": not no_jvp}
+    with prepare_out_dir(out, "validate", options):
         frame = ro.load_rollouts(src)
         if max_samples:
             frame = ro.validate_rollouts(frame.head(max_samples), src)
@@ -53,9 +72,9 @@ def validate(
             frame["reward"] = score_batch(frame["response"].tolist(), frame["ground_truth"].astype(str).tolist(), "math")
         t0 = time.time()
         with console.status("loading model"):
-            mdl, tok = load_model(model, allow_pickle=allow_pickle)
+            mdl, tok = load_checkpoint("--model", model, allow_pickle)
         settings = ValidateSettings(lr=lr, optimizer=optimizer, temperature=temperature, eps_low=eps_low,
-                                    eps_high=eps_high, micro_batch=micro_batch, jvp=not no_jvp)
+                                    eps_high=eps_high, micro_batch=micro_batch, jvp=not no_jvp, max_len=max_len)
         B = len(frame)
         stages = {"forward": B, "update": B, "forward after": B}
         if not no_jvp:
@@ -66,7 +85,7 @@ def validate(
         summary["rollouts"] = str(src)
         summary["wall_seconds"] = round(time.time() - t0, 1)
         write_run(out, tokens, summary, {"command": "validate", "model": summary["model"], "rollouts": str(src),
-                                         **summary["settings"]})
+                                         **summary["settings"]}, options)
     console.print(estimator_table(summary["estimators"], f"ΔH estimators vs measured ({optimizer}, lr={lr:g}, "
                                                          f"{summary['n_tokens']} tokens)"))
     for note in summary["notes"]:
@@ -75,4 +94,4 @@ def validate(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("validate")(validate)
+    add_command(app, "validate", validate)

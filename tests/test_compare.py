@@ -20,6 +20,7 @@ from entropy_lens.pipelines.compare import (
     LONG_COLUMNS,
     REQUIRED_COLUMNS,
     compare_methods,
+    validate_tokens_frame,
 )
 from entropy_lens.tokens import TokenBatch
 from entropy_lens_cli.compare_cmd import register
@@ -183,6 +184,52 @@ def test_library_errors(frame):
         compare_methods(frame, ["grpo"], {"steer": {"lambda_min": 0.7}}, LR, 0)
     with pytest.raises(ValueError, match="missing columns: quadrant"):
         compare_methods(frame.drop(columns=["quadrant"]), ["grpo"], {}, LR, 0)
+
+
+@pytest.mark.parametrize(
+    "column,change,needle",
+    [
+        ("adv", lambda s: s.astype(str), "column adv holds str values, expected numbers"),
+        ("group", lambda s: s.astype(str), "column group holds str values, expected integers"),
+        ("logp", lambda s: s.astype(object), "column logp holds object values, expected numbers"),
+        ("sample", lambda s: s + 0.5, "column sample holds non-integer values"),
+        ("group", lambda s: s.astype(bool), "column group holds bool values, expected integers"),
+        ("token_id", lambda s: s.where(s > 3), "column token_id has missing values"),
+        ("clip_active", lambda s: s.astype(str), "column clip_active holds str values"),
+        ("quadrant", lambda s: s + 7, "column quadrant holds values outside 0..4"),
+        ("sample", lambda s: s * 10**9, "sample / pos span"),
+        ("pos", lambda s: s - 100, "negative sample or pos"),
+        ("entropy", lambda s: s.where(s > 1.0, float("nan")), "non-finite values in column entropy"),
+        ("dh_cov", lambda s: s.astype(str), "column dh_cov holds str values"),
+    ],
+)
+def test_tokens_frame_types_are_checked(frame, column, change, needle):
+    bad = frame.copy()
+    bad[column] = change(bad[column])
+    with pytest.raises(ValueError) as info:
+        validate_tokens_frame(bad)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="column|sample|non-finite"):
+        compare_methods(bad, ["grpo"], {}, LR, 0)  # never a TypeError from the arithmetic
+
+
+def test_tokens_frame_with_integral_floats_is_accepted(frame):
+    ok = frame.copy()
+    ok["pos"] = ok["pos"].astype(float)  # e.g. written by a tool that stores every column as double
+    validate_tokens_frame(ok)
+    pd.testing.assert_frame_equal(compare_methods(ok, ["grpo"], {}, LR, 0)[0], compare_methods(frame, ["grpo"], {}, LR, 0)[0])
+
+
+def test_cli_compare_string_columns_is_one_line(tmp_path, frame):
+    src = tmp_path / "tokens.parquet"
+    bad = frame.copy()
+    bad["adv"] = bad["adv"].astype(str)
+    bad.to_parquet(src)
+    out = tmp_path / "cmp"
+    res = CliRunner().invoke(make_app(), ["compare", str(src), "-m", "grpo", "-o", str(out)])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert str(src) in res.stderr and "column adv" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------------------------------- CLI

@@ -7,6 +7,7 @@ import torch
 from entropy_lens.model.forward import pack, response_stats
 from entropy_lens.model.jvp import jvp_prediction
 from entropy_lens.model.update import (
+    NonFiniteUpdateError,
     grpo_token_mean_loss,
     one_step_update,
     restore,
@@ -62,3 +63,64 @@ def test_bad_optimizer_and_lr(tiny_model):
         one_step_update(tiny_model, packed, loss_fn, 0.1, "lion")
     with pytest.raises(ValueError, match="learning rate"):
         one_step_update(tiny_model, packed, loss_fn, 0.0, "sgd")
+
+
+def _params_equal(model, theta) -> bool:
+    return all(torch.equal(p.detach(), theta[n]) for n, p in model.named_parameters())
+
+
+def test_non_finite_loss_names_the_micro_batch_and_leaves_the_model(tiny_model):
+    packed, before, adv = _setup(tiny_model)
+    theta = snapshot(tiny_model)
+    adv = torch.where(packed.mask, torch.tensor([1.0, -1.0, float("inf"), 0.5, 1.0, -1.0])[:, None], 0.0)
+    loss_fn = grpo_token_mean_loss(before["logp"], adv, packed.mask)
+    with pytest.raises(NonFiniteUpdateError) as info:
+        one_step_update(tiny_model, packed, loss_fn, 0.05, "sgd", micro_batch=2)
+    msg = str(info.value)
+    assert isinstance(info.value, ValueError) and "\n" not in msg
+    assert "non-finite loss" in msg and "micro-batch 2 of 3 (sequences 2-3)" in msg and "reward" in msg
+    assert _params_equal(tiny_model, theta)
+    assert all(p.grad is None for p in tiny_model.parameters())
+
+
+def test_non_finite_gradient_with_finite_loss(tiny_model):
+    """Extreme old log-probs overflow the ratio exp(logp - old_logp): the clipped loss stays finite
+    but its gradient is NaN — refused before the step, naming the parameter and micro-batch."""
+    packed, before, adv = _setup(tiny_model)
+    theta = snapshot(tiny_model)
+    old = before["logp"].clone()
+    old[4:] = -500.0  # sequences 4-5: the third micro-batch
+    loss_fn = grpo_token_mean_loss(old, adv, packed.mask)
+    with pytest.raises(NonFiniteUpdateError, match=r"non-finite gradient of .* after micro-batch 3 of 3 \(sequences 4-5\)"):
+        one_step_update(tiny_model, packed, loss_fn, 0.05, "sgd", micro_batch=2)
+    assert _params_equal(tiny_model, theta)
+
+
+def test_step_that_overflows_the_parameters_is_undone(tiny_model):
+    packed, before, adv = _setup(tiny_model)
+    theta = snapshot(tiny_model)
+    loss_fn = grpo_token_mean_loss(before["logp"], adv, packed.mask)
+    for optimizer in ("adamw", "sgd"):
+        with pytest.raises(NonFiniteUpdateError, match="learning rate 1e\\+39 too large"):
+            one_step_update(tiny_model, packed, loss_fn, 1e39, optimizer)
+        assert _params_equal(tiny_model, theta)
+    with pytest.raises(ValueError, match="finite"):
+        one_step_update(tiny_model, packed, loss_fn, float("inf"), "sgd")
+
+
+def test_validate_on_extreme_old_logp_is_a_one_line_error(tiny_model, tiny_tokenizer):
+    import pandas as pd
+    from conftest import arithmetic_rows
+
+    from entropy_lens.io.rollouts import validate_rollouts
+    from entropy_lens.pipelines.validate import ValidateSettings, run_validate
+
+    rows = arithmetic_rows()
+    for r in rows:
+        r["old_logp"] = [-900.0] * len(r["response"].split())  # accepted by the schema (>= -1000)
+    frame = validate_rollouts(pd.DataFrame(rows), "r.jsonl")
+    theta = snapshot(tiny_model)
+    with pytest.raises(ValueError, match="one-step update: non-finite gradient") as info:
+        run_validate(tiny_model, tiny_tokenizer, frame, ValidateSettings(lr=0.05, jvp=False), "r.jsonl")
+    assert "\n" not in str(info.value) and "old_logp" in str(info.value)
+    assert _params_equal(tiny_model, theta)

@@ -427,3 +427,23 @@ def test_data_functions_return_plain_values():
     div, seq = colours.legend(modes[0]), colours.legend(modes[-1])
     assert len(div.ticks) == 3 and div.ticks[1] == "0" and div.gradient.count("#") == 3
     assert seq.ticks[0] == "0 nats" and seq.gradient.count("#") == 2 and seq.label == "token entropy H"
+
+
+BIDI = ["\u202e", "\u202a", "\u202b", "\u202c", "\u202d", "\u2066", "\u2067", "\u2068", "\u2069", "\u200e", "\u200f", "\u061c"]
+
+
+def test_bidi_controls_are_shown_not_obeyed():
+    """An RTL override in model text would visually reverse what follows it on the page; every
+    bidirectional control character is replaced by a visible ⟨U+XXXX⟩ in every printed field."""
+    texts = ["abc\u202edef", "\u2067x\u2069", "\u200eok", "plain"]
+    df, summary = make_tokens(texts=texts)
+    summary["notes"] = ["note \u202egnp.exe"]
+    page = rep.build_report(df, summary, title="run \u202b1", notes=["top \u2066x"])
+    assert not [c for c in BIDI if c in page]
+    assert set(parse(page).spans) == {"abc⟨U+202E⟩def", "⟨U+2067⟩x⟨U+2069⟩", "⟨U+200E⟩ok", "plain"}
+    assert "note ⟨U+202E⟩gnp.exe" in page and "run ⟨U+202B⟩1" in page and "top ⟨U+2066⟩x" in page
+    from entropy_lens.report.page import printable
+
+    assert printable("".join(BIDI)) == "".join(f"⟨U+{ord(c):04X}⟩" for c in BIDI)
+    assert printable("a\x01\u202eb") == "a\ufffd⟨U+202E⟩b" and printable(3) == 3
+    assert printable("עברית and العربية") == "עברית and العربية"  # RTL letters themselves are text, kept

@@ -11,6 +11,7 @@ back as ``None`` (use :func:`finite_or_nan` where a float is wanted).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +45,47 @@ def _decode(path: Path, raw: bytes, where: str = "") -> str:
         raise InputError(f"{path}: {where}invalid UTF-8 at byte {exc.start}") from exc
 
 
-def read_json(path: str | Path) -> dict[str, Any]:
-    """One JSON object from ``path`` (e.g. ``summary.json``); InputError if it is anything else."""
-    path = Path(path)
-    text = _decode(path, _read_bytes(path))
+#: A JSON ``\\uXXXX`` escape of a UTF-16 surrogate; a lone one decodes to a str no encoder accepts.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _lone_surrogate(obj: Any) -> str | None:
+    """The first string (value or key) in a parsed JSON value that holds a lone surrogate, or None."""
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            if any("\ud800" <= ch <= "\udfff" for ch in x):
+                return x
+        elif isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+    return None
+
+
+def _loads(path: Path, text: str, where: str = "") -> Any:
+    """``json.loads`` with InputError for malformed JSON (``where``: e.g. "line 3: " of a JSONL
+    file; without it the parser's line is named), nesting too deep to parse, and strings with a
+    lone surrogate escape such as ``"\\ud800"`` (valid JSON, but no text: pandas, pyarrow and
+    tokenizers cannot encode it)."""
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: line {exc.lineno}: malformed JSON ({exc.msg})") from exc
+        raise InputError(f"{path}: {where or f'line {exc.lineno}: '}malformed JSON ({exc.msg})") from exc
+    except RecursionError:
+        raise InputError(f"{path}: {where}JSON nested too deeply to read") from None
+    bad = _lone_surrogate(obj) if _SURROGATE_ESCAPE.search(text) else None
+    if bad is not None:
+        raise InputError(f"{path}: {where}text {json.dumps(bad)[:40]} holds a lone UTF-16 surrogate escape (not valid Unicode)")
+    return obj
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    """One JSON object from ``path`` (e.g. ``summary.json``); InputError if it is anything else."""
+    path = Path(path)
+    obj = _loads(path, _decode(path, _read_bytes(path)))
     if not isinstance(obj, dict):
         raise InputError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj
@@ -72,13 +106,11 @@ def read_jsonl_numbered(path: str | Path, tolerate_partial_last: bool = False) -
             continue
         partial_ok = tolerate_partial_last and i == len(lines)  # no newline after it
         try:
-            obj = json.loads(_decode(path, line, f"line {i}: "))
-        except (InputError, json.JSONDecodeError) as exc:
+            obj = _loads(path, _decode(path, line, f"line {i}: "), f"line {i}: ")
+        except InputError:
             if partial_ok:
                 break
-            if isinstance(exc, InputError):
-                raise
-            raise InputError(f"{path}: line {i}: malformed JSON ({exc.msg})") from exc
+            raise
         if not isinstance(obj, dict):
             raise InputError(f"{path}: line {i}: expected a JSON object, got {type(obj).__name__}")
         out.append((i, obj))

@@ -22,6 +22,31 @@ class ModelLoadError(ValueError):
     """A model path that cannot be loaded; the message names the path and the problem."""
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name when it has none), with
+    the next line joined on when the first only introduces it (ends in ``:``)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def plain_permissions(folder: Path) -> None:
+    """Give every file under ``folder`` the permissions a plain ``open`` would (0666 minus the
+    umask), as :func:`entropy_lens.io.writers.temp_file` does: ``save_pretrained`` writes
+    ``model.safetensors`` with mode 0600 while its other files get 0644."""
+    mode = 0o666 & ~_umask()
+    for f in folder.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, mode)
+
+
 def cache_dir() -> Path:
     """Cache root: ``$ENTROPY_LENS_CACHE`` or ``~/.cache/entropy_lens``."""
     return Path(os.environ.get("ENTROPY_LENS_CACHE", Path.home() / ".cache" / "entropy_lens"))
@@ -59,6 +84,11 @@ def bundled_model_dir() -> Path:
     target = cache_dir() / BUNDLED_NAME
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
         _strip_gguf_flag(target / "config.json")  # caches written before the flag was dropped
+        if (target / "model.safetensors").stat().st_mode & 0o777 == 0o600:  # caches from before the fix
+            try:
+                plain_permissions(target)
+            except OSError:  # not ours to change (a shared cache): loading still works
+                pass
         return target
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -74,6 +104,7 @@ def bundled_model_dir() -> Path:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         _strip_gguf_flag(tmp / "config.json")
+        plain_permissions(tmp)
     return target
 
 
@@ -103,6 +134,96 @@ def weight_files(folder: Path) -> tuple[list[Path], list[Path]]:
     return safe, pickled
 
 
+def check_safetensors(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Read the header of every safetensors file (no tensor data): ``{tensor name: (file, shape)}``.
+
+    ModelLoadError naming the file for an empty, truncated or corrupt file (a header that does not
+    parse, or whose tensors do not cover the file exactly).
+    """
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for f in files:
+        try:
+            size = f.stat().st_size
+        except OSError as exc:
+            raise ModelLoadError(f"{f}: cannot read weight file ({exc.strerror or exc})") from exc
+        if size == 0:
+            raise ModelLoadError(f"{f}: empty weight file (0 bytes)")
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():  # header only
+                    shapes[k] = (f, tuple(h.get_slice(k).get_shape()))
+        except Exception as exc:  # safetensors raises its own SafetensorError (and OSError) for a bad file
+            raise ModelLoadError(f"{f}: corrupt or truncated safetensors file ({_first_line(exc)})") from exc
+    return shapes
+
+
+def shape_mismatch(folder: Path, config, shapes: dict[str, tuple[Path, tuple[int, ...]]]) -> str | None:
+    """The first tensor whose stored shape differs from what ``config`` builds, as
+    ``"FILE: tensor NAME has shape [..] but config.json implies [..]"``; None when none differs
+    (the model is built on the meta device: no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    except Exception:  # the config itself cannot build a model: the caller reports the original error
+        return None
+    for name, (f, shape) in shapes.items():
+        want = expected.get(name, expected.get(f"model.{name}"))
+        if want is not None and want != shape:
+            return f"{f}: tensor {name} has shape {list(shape)} but {folder / 'config.json'} implies {list(want)}"
+    return None
+
+
+def _load_tokenizer(folder: Path):
+    """The folder's tokenizer; ModelLoadError with the first line of whatever went wrong."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:  # tokenizers/transformers raise many types for a broken tokenizer folder
+        raise ModelLoadError(f"{folder}: cannot load tokenizer ({_first_line(exc)})") from exc
+
+
+def _load_config(folder: Path):
+    """The folder's ``config.json`` as a transformers config; ModelLoadError when it is malformed
+    or invalid (e.g. a hidden size that the number of heads does not divide)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except Exception as exc:  # OSError, ValueError, KeyError and validation errors of the config classes
+        raise ModelLoadError(f"{folder / 'config.json'}: invalid model config ({_first_line(exc)})") from exc
+
+
+def _load_weights(folder: Path, config, torch_dtype, attn_implementation: str, safe: list[Path]):
+    """``from_pretrained`` with every failure as ModelLoadError: a corrupt safetensors file and
+    weights whose shapes do not match ``config.json`` name the file and the tensor."""
+    from transformers import AutoModelForCausalLM
+
+    shapes = check_safetensors(safe)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder, config=config, dtype=torch_dtype, attn_implementation=attn_implementation,
+            use_safetensors=bool(safe), output_loading_info=True,
+        )
+    except Exception as exc:  # anything from_pretrained raises is about the folder's contents
+        mismatch = shape_mismatch(folder, config, shapes) if isinstance(exc, RuntimeError) else None
+        if mismatch:
+            raise ModelLoadError(f"{mismatch} (weights do not match the config)") from exc
+        raise ModelLoadError(f"{folder}: cannot load model ({_first_line(exc)})") from exc
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:  # transformers would leave them randomly initialised
+        raise ModelLoadError(
+            f"{folder}: the weight files lack {len(missing)} tensor(s) that config.json needs (first: {missing[0]}); "
+            "an incomplete checkpoint or weights of another model"
+        )
+    return model
+
+
 def load_model(
     path: str | os.PathLike | None = None,
     dtype: str = "float32",
@@ -116,7 +237,6 @@ def load_model(
     Raises :class:`ModelLoadError` with a one-line message for every user error.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve_model_path(path)
     safe, pickled = weight_files(folder)
@@ -130,14 +250,9 @@ def load_model(
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if torch_dtype is None:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose float32, bfloat16 or float16")
-    try:
-        tok = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch_dtype, attn_implementation=attn_implementation, use_safetensors=bool(safe)
-        )
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"{folder}: cannot load model ({first})") from exc
+    config = _load_config(folder)
+    tok = _load_tokenizer(folder)
+    model = _load_weights(folder, config, torch_dtype, attn_implementation, safe)
     model.eval()
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

@@ -7,6 +7,7 @@ can be measured from the same parameters.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -18,6 +19,19 @@ from entropy_lens.model.forward import PackedBatch, response_logp_entropy
 #: ``loss_fn(rows, logp, entropy) -> scalar``: the contribution of sequences ``rows`` (a slice of
 #: the batch) to the batch loss, already normalised by the batch-level normaliser.
 LossFn = Callable[[slice, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class NonFiniteUpdateError(ValueError, FloatingPointError):
+    """The one-step update met a non-finite loss, gradient or parameter; the message (one line)
+    names what and at which micro-batch. A ``ValueError`` (bad input: the CLI exits with 2) and,
+    for older callers, a ``FloatingPointError``."""
+
+
+#: What usually makes the update non-finite, appended to its error messages.
+NON_FINITE_HINT = (
+    "check the rollouts' reward and old_logp columns: extreme values overflow the ratio "
+    "exp(logp - old_logp) or the advantages"
+)
 
 
 def trainable_params(model) -> dict[str, torch.nn.Parameter]:
@@ -67,8 +81,8 @@ def grpo_token_mean_loss(
 
 def make_optimizer(params, optimizer: str, lr: float, weight_decay: float = 0.0):
     """``sgd`` (plain, no momentum) or ``adamw`` (β = (0.9, 0.999), ε = 1e-8)."""
-    if not (lr > 0):
-        raise ValueError(f"learning rate must be > 0, got {lr}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"learning rate must be > 0 and finite, got {lr}")
     if optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
     if optimizer == "adamw":
@@ -91,6 +105,10 @@ def one_step_update(
 
     Returns ``(delta, loss)``: the real update θ' − θ per parameter name and the batch loss.
     The model is left at θ' (use :func:`restore` to go back). Dropout is off (eval mode).
+
+    Raises :class:`NonFiniteUpdateError` (a ValueError) when a micro-batch's loss or the
+    accumulated gradient is non-finite (the parameters are then untouched), or when the step
+    itself makes a parameter non-finite (the parameters are then restored to θ).
     """
     model.eval()
     params = trainable_params(model)
@@ -99,18 +117,53 @@ def one_step_update(
     opt.zero_grad(set_to_none=True)
     total = 0.0
     B = packed.mask.shape[0]
-    for i in range(0, B, micro_batch):
-        rows = slice(i, min(i + micro_batch, B))
-        logp, ent = response_logp_entropy(model, packed.select(rows), temperature)
-        loss = loss_fn(rows, logp, ent)
-        if not torch.isfinite(loss):
-            raise FloatingPointError("non-finite loss in the one-step update")
-        loss.backward()
-        total += float(loss.detach())
-        if progress:
-            progress(rows.stop - rows.start)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    n_micro = -(-B // micro_batch)
+    try:
+        for k, i in enumerate(range(0, B, micro_batch)):
+            rows = slice(i, min(i + micro_batch, B))
+            where = f"micro-batch {k + 1} of {n_micro} (sequences {rows.start}-{rows.stop - 1})"
+            logp, ent = response_logp_entropy(model, packed.select(rows), temperature)
+            loss = loss_fn(rows, logp, ent)
+            if not torch.isfinite(loss):
+                raise NonFiniteUpdateError(f"one-step update: non-finite loss ({float(loss.detach())}) in {where}; {NON_FINITE_HINT}")
+            loss.backward()
+            bad = first_non_finite_grad(params)
+            if bad is not None:
+                raise NonFiniteUpdateError(f"one-step update: non-finite gradient of {bad} after {where}; {NON_FINITE_HINT}")
+            total += float(loss.detach())
+            if progress:
+                progress(rows.stop - rows.start)
+        _step(opt, model, before, lr)
+    finally:
+        opt.zero_grad(set_to_none=True)
     with torch.no_grad():
         delta = {n: p.detach() - before[n] for n, p in params.items()}
+    bad = next((n for n, d in delta.items() if not bool(torch.isfinite(d).all())), None)
+    if bad is not None:
+        restore(model, before)
+        raise NonFiniteUpdateError(
+            f"one-step update: the step made parameter {bad} non-finite (learning rate {lr:g} too large?)"
+        )
     return delta, total
+
+
+def _step(opt, model, before: dict[str, torch.Tensor], lr: float) -> None:
+    """``opt.step()``; an overflow inside the optimizer (a step size beyond the parameters'
+    float range) restores ``before`` and raises :class:`NonFiniteUpdateError`."""
+    try:
+        opt.step()
+    except RuntimeError as exc:
+        if "overflow" not in str(exc):
+            raise
+        restore(model, before)
+        raise NonFiniteUpdateError(
+            f"one-step update: the optimizer step overflowed the parameters' float range (learning rate {lr:g} too large?)"
+        ) from exc
+
+
+def first_non_finite_grad(params: dict[str, torch.nn.Parameter]) -> str | None:
+    """Name of the first parameter whose (accumulated) gradient holds NaN or ±inf, else None."""
+    for n, p in params.items():
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            return n
+    return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -20,6 +21,7 @@ import pandas as pd
 import torch
 
 from entropy_lens import estimators as est
+from entropy_lens.advantages import ADVANTAGES
 from entropy_lens.io.rollouts import Tokenized
 from entropy_lens.io.tables import InputError, read_json, read_parquet
 from entropy_lens.io.writers import atomic_write_json, atomic_write_parquet
@@ -43,6 +45,27 @@ class AnalyzeSettings(BatchSettings):
     per resumable shard."""
 
     shard_size: int = 64
+
+
+def check_settings(settings: AnalyzeSettings) -> None:
+    """Raise ``ValueError`` (one line naming the setting) unless every setting is in range: η and τ
+    finite and > 0, clip bounds >= 0 (``eps_high`` may be inf), a known advantage estimator, and
+    ``micro_batch``/``shard_size`` integers >= 1. Checked before any file is written, so a bad
+    setting never leaves a manifest behind that a later, correct run would refuse."""
+    for name in ("lr", "temperature"):
+        v = getattr(settings, name)
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{name} must be > 0 and finite, got {v}")
+    if not (math.isfinite(settings.eps_low) and settings.eps_low >= 0):
+        raise ValueError(f"eps_low must be >= 0 and finite, got {settings.eps_low}")
+    if not settings.eps_high >= 0:
+        raise ValueError(f"eps_high must be >= 0, got {settings.eps_high}")
+    if settings.advantage not in ADVANTAGES:
+        raise ValueError(f"advantage must be one of {', '.join(ADVANTAGES)}, got {settings.advantage!r}")
+    for name in ("micro_batch", "shard_size"):
+        v = getattr(settings, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v}")
 
 
 def check_same_vocab(model_a, model_b, name_b: str) -> None:
@@ -92,11 +115,13 @@ def run_analyze(
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Analyze ``rollouts`` (validated frame); returns ``(tokens frame, summary)``.
 
-    ``progress("tokens", n)`` is called with the response tokens of each finished shard.
+    ``progress("tokens", n)`` is called with the response tokens of each finished shard. The
+    settings are checked first (:func:`check_settings`) and ``shard_dir`` and its manifest are
+    written only once the rollouts are tokenised, so bad input leaves no files behind.
     """
+    check_settings(settings)
     prep = prepare(rollouts, tokenizer, source)
     lengths = prep.lengths
-    shard_dir.mkdir(parents=True, exist_ok=True)
     fp = _fingerprint(prep.tok, settings, list(model_names))
     manifest = shard_dir / "manifest.json"
     if manifest.exists():
@@ -107,6 +132,7 @@ def run_analyze(
                 "use another output folder"
             )
     else:
+        shard_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(manifest, {"fingerprint": fp, "settings": asdict(settings), "models": list(model_names)})
     B = len(lengths)
     parts = []

@@ -52,7 +52,7 @@ from entropy_lens.model.update import (
 )
 from entropy_lens.objective import clip_active
 from entropy_lens.pipelines.prepare import prepare
-from entropy_lens.pipelines.validate import ValidateSettings, instrument
+from entropy_lens.pipelines.validate import ValidateSettings, check_memory, instrument
 from entropy_lens.scoring import QUADRANT_LABELS, quadrant_table
 from entropy_lens.tokens import TOKEN_FIELDS, TokenBatch, frame_grid
 
@@ -90,19 +90,60 @@ ENTROPY_BONUS_REASON = (
 )
 
 
+#: Columns of :data:`REQUIRED_COLUMNS` that hold integers (indices, ids, labels).
+INTEGER_COLUMNS = ("sample", "group", "pos", "token_id", "quadrant")
+
+#: Columns that must be finite numbers (the inputs of every prediction).
+FINITE_COLUMNS = ("logp", "old_logp", "entropy", "sum_p2", "sum_p2_logp", "adv")
+
+#: A frame's [B, T] grid ((max sample + 1) × (max pos + 1)) may hold at most this many cells per
+#: token row (plus a fixed allowance): sample / pos must count from 0 without huge gaps.
+GRID_CELLS_PER_ROW = 1024
+GRID_CELLS_ALLOWANCE = 2**20
+
+
+def _column_kind_problem(df: pd.DataFrame, c: str) -> str | None:
+    """Why column ``c`` has the wrong type for compare, or None: integer columns need integer
+    values (an integer dtype, or floats that are all finite and integral), the others numbers
+    (``clip_active`` may be boolean); text, objects and booleans elsewhere are refused."""
+    kind = df[c].dtype.kind
+    if c in INTEGER_COLUMNS + ("clip_active",) and df[c].isna().any():
+        return f"column {c} has missing values"
+    if c == "clip_active" and kind == "b":
+        return None
+    if kind not in "iuf":
+        return f"column {c} holds {df[c].dtype} values, expected {'integers' if c in INTEGER_COLUMNS else 'numbers'}"
+    if c in INTEGER_COLUMNS and kind == "f":
+        v = df[c].to_numpy(np.float64)
+        if not (np.isfinite(v).all() and (v == np.round(v)).all()):
+            return f"column {c} holds non-integer values, expected integers"
+    return None
+
+
 def validate_tokens_frame(df: pd.DataFrame) -> None:
-    """Raise ValueError (one line) if ``df`` cannot be compared: missing columns, no rows,
-    duplicate (sample, pos) rows or non-finite inputs."""
+    """Raise ValueError (one line naming the column) if ``df`` cannot be compared: missing columns,
+    no rows, a column of the wrong type (:func:`_column_kind_problem`), negative or sparse
+    sample / pos, duplicate (sample, pos) rows, a quadrant outside 0..4, or non-finite inputs."""
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"missing columns: {', '.join(missing)}")
     if len(df) == 0:
         raise ValueError("no token rows")
-    if df.duplicated(["sample", "pos"]).any():
-        raise ValueError("duplicate (sample, pos) rows")
+    for c in REQUIRED_COLUMNS + tuple(c for c in ("dh_jvp", "dh_measured", "reward") if c in df.columns):
+        problem = _column_kind_problem(df, c)
+        if problem:
+            raise ValueError(problem)
     if (df["sample"] < 0).any() or (df["pos"] < 0).any():
         raise ValueError("negative sample or pos")
-    for c in ("logp", "old_logp", "entropy", "sum_p2", "sum_p2_logp", "adv"):
+    cells = (float(df["sample"].max()) + 1) * (float(df["pos"].max()) + 1)
+    if cells > GRID_CELLS_PER_ROW * len(df) + GRID_CELLS_ALLOWANCE:
+        raise ValueError(f"sample / pos span {cells:.3g} cells for {len(df)} token rows: they must count from 0 "
+                         "without large gaps (not a tokens.parquet of this toolkit?)")
+    if df.duplicated(["sample", "pos"]).any():
+        raise ValueError("duplicate (sample, pos) rows")
+    if not df["quadrant"].between(0, len(QUADRANT_LABELS) - 1).all():
+        raise ValueError(f"column quadrant holds values outside 0..{len(QUADRANT_LABELS) - 1}")
+    for c in FINITE_COLUMNS:
         if not np.isfinite(df[c].to_numpy(np.float64)).all():
             raise ValueError(f"non-finite values in column {c}")
 
@@ -307,7 +348,8 @@ def measure_methods(
     """
     overrides = overrides or {}
     params = {m: params_from_dict(m, overrides.get(m)) for m in methods}  # fail before any work
-    prep = prepare(rollouts, tokenizer, source)
+    prep = prepare(rollouts, tokenizer, source, settings.max_len)
+    check_memory(model, prep, settings.micro_batch, jvp=False, what="compare --measure")
     packed, batch, cols = instrument(model, prep, settings)
     theta = snapshot(model)
     b_idx, t_idx = torch.nonzero(batch.mask, as_tuple=True)

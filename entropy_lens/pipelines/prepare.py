@@ -62,14 +62,33 @@ class Prepared:
         return pack(self.tok.prompt_ids[start:stop], self.tok.response_ids[start:stop], self.pad_id)
 
 
-def prepare(rollouts: pd.DataFrame, tokenizer, source: str = "<rollouts>") -> Prepared:
+def truncate(tok: Tokenized, old_logp: torch.Tensor | None, max_len: int) -> tuple[Tokenized, torch.Tensor | None]:
+    """Responses cut to their first ``max_len`` tokens (``old_logp`` ``[B, T]`` to ``[B, ≤max_len]``),
+    with a note in ``tok.notes`` when any was longer. Prompts are kept whole."""
+    if not (isinstance(max_len, int) and not isinstance(max_len, bool) and max_len >= 1):
+        raise ValueError(f"max_len must be an integer >= 1, got {max_len!r}")
+    longest = max((len(r) for r in tok.response_ids), default=0)
+    n_cut = sum(len(r) > max_len for r in tok.response_ids)
+    if n_cut == 0:
+        return tok, old_logp
+    note = (f"{n_cut} of {len(tok.response_ids)} responses truncated to max_len={max_len} response tokens "
+            f"(longest had {longest}); their rewards are those of the whole responses")
+    cut = Tokenized(tok.prompt_ids, [r[:max_len] for r in tok.response_ids], tok.retokenized, [*tok.notes, note])
+    return cut, (old_logp[:, :max_len] if old_logp is not None else None)
+
+
+def prepare(rollouts: pd.DataFrame, tokenizer, source: str = "<rollouts>", max_len: int | None = None) -> Prepared:
     """Tokenize a validated rollouts frame (:func:`entropy_lens.io.rollouts.load_rollouts`) and read
-    its behaviour log-probs, rewards and groups; errors name ``source``."""
+    its behaviour log-probs, rewards and groups; errors name ``source``. ``max_len``: cut every
+    response to its first ``max_len`` tokens (:func:`truncate`; None keeps them whole)."""
     tok = tokenize_rollouts(rollouts, tokenizer, source)
+    old_logp = old_logp_grid(rollouts, [len(r) for r in tok.response_ids], source)
+    if max_len is not None:
+        tok, old_logp = truncate(tok, old_logp, max_len)
     lengths = [len(r) for r in tok.response_ids]
     return Prepared(
         tok=tok,
-        old_logp=old_logp_grid(rollouts, lengths, source),
+        old_logp=old_logp,
         reward=torch.tensor(rollouts["reward"].to_numpy(np.float64), dtype=torch.float64),
         group_id=torch.tensor(rollouts["group_id"].to_numpy(np.int64)),
         lengths=lengths,

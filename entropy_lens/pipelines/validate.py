@@ -17,6 +17,7 @@ import torch
 
 from entropy_lens import estimators as est
 from entropy_lens.io.rollouts import Tokenized
+from entropy_lens.model.budget import check_budget
 from entropy_lens.model.forward import PackedBatch, response_stats
 from entropy_lens.model.jvp import jvp_prediction
 from entropy_lens.model.update import (
@@ -46,12 +47,22 @@ Progress = Callable[[str, int], None]
 @dataclass(frozen=True)
 class ValidateSettings(BatchSettings):
     """:class:`BatchSettings` with η = ``lr`` of the one real step, its ``optimizer`` (sgd or
-    adamw) and ``weight_decay``, and whether to compute ``dh_jvp`` (``jvp``)."""
+    adamw) and ``weight_decay``, whether to compute ``dh_jvp`` (``jvp``), and ``max_len``: cut
+    responses to their first ``max_len`` tokens (None: whole; a note in the summary says so)."""
 
     lr: float = 1e-4
     optimizer: str = "sgd"
     weight_decay: float = 0.0
     jvp: bool = True
+    max_len: int | None = None
+
+
+def check_memory(model, prep: Prepared, micro_batch: int, jvp: bool, what: str = "validate") -> int | None:
+    """:func:`entropy_lens.model.budget.check_budget` for a prepared batch (packed = prompt +
+    response tokens per sequence): a one-line ValueError before any work when the estimated peak
+    does not fit in the available memory; returns the estimate (bytes) or None."""
+    packed = [len(p) + len(r) for p, r in zip(prep.tok.prompt_ids, prep.tok.response_ids)]
+    return check_budget(packed, model, micro_batch, jvp, response_lengths=prep.lengths, what=what)
 
 
 def instrument(
@@ -109,7 +120,8 @@ def run_validate(
     progress: Progress | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Full validation on a validated rollouts frame; returns ``(tokens frame, summary dict)``."""
-    prep = prepare(rollouts, tokenizer, source)
+    prep = prepare(rollouts, tokenizer, source, settings.max_len)
+    check_memory(model, prep, settings.micro_batch, settings.jvp)
     packed, batch, cols = instrument(model, prep, settings, progress)
     dh_measured, dh_jvp, loss = measured_and_jvp(model, packed, batch, settings, progress)
     cols["dh_measured"] = dh_measured

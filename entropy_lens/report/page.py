@@ -31,13 +31,26 @@ SCRIPT_TEMPLATE = "script.js.j2"
 
 _CTRL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
+#: Bidirectional-text controls: embeddings and overrides (U+202A–U+202E), isolates (U+2066–U+2069),
+#: the LRM / RLM / ALM marks (U+200E, U+200F, U+061C). Model text containing them could reorder
+#: what the page shows (an RTL override makes "abc" read "cba"), so they are shown, not obeyed.
+_BIDI = re.compile("[\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c]")
+
+
+def visible_bidi(text: str) -> str:
+    """``text`` with every bidirectional control character replaced by a visible ``⟨U+XXXX⟩``."""
+    return _BIDI.sub(lambda m: f"⟨U+{ord(m.group()):04X}⟩", text)
+
 
 def printable(value: Any) -> Any:
-    """Every printed value's last step before autoescaping: C0 control characters other than
-    tab / newline / CR become U+FFFD in strings; other values pass unchanged."""
-    if isinstance(value, str) and _CTRL.search(value):
-        return _CTRL.sub("\ufffd", value)
-    return value
+    """Every printed value's last step before autoescaping: in strings, C0 control characters
+    other than tab / newline / CR become U+FFFD and bidirectional controls become a visible
+    ``⟨U+XXXX⟩`` (:func:`visible_bidi`); other values pass unchanged."""
+    if not isinstance(value, str):
+        return value
+    if _CTRL.search(value):
+        value = _CTRL.sub("\ufffd", value)
+    return visible_bidi(value) if _BIDI.search(value) else value
 
 
 @lru_cache(maxsize=1)
