@@ -180,7 +180,7 @@ def closed_form_columns(
     L = batch.n_tokens
     ratio = batch.ratio
     ica = clip_active(ratio, batch.adv, eps_low, eps_high, dual_clip) & m
-    icf = ica.float()
+    icf = ica.to(batch.logp.dtype)  # not float32: it would round η/L to float32 in a float64 batch
     zero = torch.zeros_like(batch.logp)
     cols = {
         "ratio": ratio,

@@ -1,8 +1,11 @@
-"""Shared fixtures: tiny models and tokenizers built from a config (no downloads)."""
+"""Shared fixtures: tiny models and tokenizers built from a config (no downloads); a run that
+collects the kernel tests where the test extra installs triton fails, not skips, without it."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import platform
 from pathlib import Path
 
 import pytest
@@ -40,6 +43,29 @@ def make_model(vocab: int = 48, seed: int = 0, layers: int = 2, attn: str = "eag
     with torch.no_grad():  # larger logits than the default init so distributions are not flat
         model.model.embed_tokens.weight.mul_(5.0)
     return model
+
+
+def triton_problem(test_files: set[str], system: str, machine: str, importer=importlib.import_module) -> str | None:
+    """Why the kernel tests (``test_kernels.py`` among ``test_files``) would skip where they must
+    run, or ``None``. On Linux x86-64 the test extra installs triton (pyproject.toml), so a missing
+    or broken triton there is an install to fix, not a row of silent skips. Other platforms, and runs that
+    do not collect the kernel tests (the verl/TRL extras run only tests/integrations/), are not checked."""
+    if "test_kernels.py" not in test_files or (system, machine) != ("Linux", "x86_64"):
+        return None
+    try:
+        importer("triton")
+    except Exception as exc:  # noqa: BLE001 - a broken install raises more than ImportError
+        return (f"tests/test_kernels.py needs triton on Linux x86-64, where the test extra installs it "
+                f"(pip install -e \".[test]\"), but `import triton` failed ({type(exc).__name__}: {exc}); "
+                "install it, or leave the kernel tests out explicitly with --ignore=tests/test_kernels.py")
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Runs after the test modules are imported (test_kernels.py sets TRITON_INTERPRET first)."""
+    problem = triton_problem({item.path.name for item in items}, platform.system(), platform.machine())
+    if problem:
+        raise pytest.UsageError(problem)
 
 
 @pytest.fixture(scope="session")

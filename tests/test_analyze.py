@@ -45,7 +45,8 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, tiny_model_dir, m
 
     monkeypatch.setattr(an, "shard_frame", flaky)
     res = _run(["--model", str(tiny_model_dir), "--rollouts", str(roll), "--shard-size", "5", "-o", str(out)])
-    assert res.exit_code != 0 and not (out / "tokens.parquet").exists()
+    assert res.exit_code == 130 and res.stderr.strip().splitlines()[-1] == "interrupted", res.output  # Ctrl-C
+    assert not (out / "tokens.parquet").exists()
     assert len(list((out / "shards").glob("shard_*.parquet"))) == 1
     calls.clear()
     monkeypatch.setattr(an, "shard_frame", lambda *a, **k: (calls.append(a[3]), real(*a, **k))[1])

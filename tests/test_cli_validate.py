@@ -1,9 +1,11 @@
 import json
 
 import pandas as pd
+import pytest
 from conftest import arithmetic_rows, write_rollouts
 from typer.testing import CliRunner
 
+from entropy_lens_cli import common
 from entropy_lens_cli.app import app
 
 runner = CliRunner()
@@ -31,13 +33,25 @@ def test_validate_end_to_end(tmp_path, tiny_model_dir):
     assert "dh_jvp" in res.output
 
 
-def _fails(tmp_path, args, needle):
+@pytest.fixture(scope="module", autouse=True)
+def quiet():
+    """What the entry point does first: no progress bars of transformers' own on stderr."""
+    common.quiet_libraries()
+
+
+def _fails(tmp_path, args, needle, after_progress=False):
+    """Exit 2 and exactly one line on stderr (the README's promise). ``after_progress``: the
+    command got as far as its progress bars (also on stderr); the message is then the one
+    ``error:`` line, and the last line (as in test_cli_errors.assert_one_line)."""
     out = tmp_path / "out"
     res = runner.invoke(app, ["validate", *args, "-o", str(out)])
-    assert res.exit_code != 0
-    msg = res.output.strip()
-    assert needle in msg, msg
-    assert "Traceback" not in msg
+    assert res.exit_code == 2, (res.exit_code, res.output)
+    lines = res.stderr.strip().splitlines()
+    if after_progress:
+        assert [ln for ln in lines if ln.startswith("error:")] == lines[-1:], res.stderr
+        lines = lines[-1:]
+    assert len(lines) == 1 and needle in lines[0], res.stderr
+    assert "Traceback" not in res.output
     assert not out.exists() or not any(out.iterdir())
 
 
@@ -99,7 +113,7 @@ def test_non_finite_logit_is_a_clear_error(tmp_path, tiny_model_dir):
     w[key][7, 0] = float("nan")  # token 7 ("0"): its row feeds the logits of every state
     save_file(w, st, metadata={"format": "pt"})
     roll = write_rollouts(tmp_path / "r.jsonl", arithmetic_rows())
-    _fails(tmp_path, ["--model", str(broken), "--rollouts", str(roll)], "non-finite logit")
+    _fails(tmp_path, ["--model", str(broken), "--rollouts", str(roll)], "non-finite logit", after_progress=True)
 
 
 def test_bad_options(tmp_path, tiny_model_dir):

@@ -283,22 +283,25 @@ def test_cli_usage_errors(tmp_path, frame, args, needle):
 
 
 def test_cli_bad_input_files(tmp_path, frame):
+    """Exit 2 and exactly one line on stderr naming the file (the README's promise)."""
     out = tmp_path / "cmp"
+
+    def one_line(res, *needles: str) -> None:
+        assert res.exit_code == 2, (res.exit_code, res.output)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and all(n in lines[0] for n in needles), res.stderr
+        assert "Traceback" not in res.output
+
     missing = tmp_path / "absent.parquet"
-    res = CliRunner().invoke(make_app(), ["compare", str(missing), "-o", str(out)])
-    assert res.exit_code != 0 and str(missing) in res.stderr and "no such file" in res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1
+    one_line(CliRunner().invoke(make_app(), ["compare", str(missing), "-o", str(out)]), str(missing), "no such file")
 
     bad = tmp_path / "bad.parquet"
     frame.drop(columns=["entropy", "dh_cov"]).to_parquet(bad)
-    res = CliRunner().invoke(make_app(), ["compare", str(bad), "-o", str(out)])
-    assert res.exit_code != 0 and str(bad) in res.stderr and "entropy" in res.stderr and "dh_cov" in res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1
+    one_line(CliRunner().invoke(make_app(), ["compare", str(bad), "-o", str(out)]), str(bad), "entropy", "dh_cov")
 
     junk = tmp_path / "junk.parquet"
     junk.write_text("not a parquet file")
-    res = CliRunner().invoke(make_app(), ["compare", str(junk), "-o", str(out)])
-    assert res.exit_code != 0 and str(junk) in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    one_line(CliRunner().invoke(make_app(), ["compare", str(junk), "-o", str(out)]), str(junk))
     assert not out.exists()
 
 

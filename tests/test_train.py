@@ -73,39 +73,104 @@ def raising_reward(response: str, answer: str) -> float:
 KILL_SCRIPT = """
 import os, signal, sys
 from entropy_lens.train import build_config, parse_set_items, train
-out, kill_at, steps, items = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
-cfg = build_config("arithmetic-tiny", "steer", items, steps=steps)
+from entropy_lens.train import checkpoint as ckpt
+out, method, where, kill_at, steps, items = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6:]
+cfg = build_config("arithmetic-tiny", method, items, steps=steps)
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
 def on_step(step):
-    if step == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
+    if where == "after_step" and step == kill_at:
+        die()
+
+if where == "in_checkpoint":  # killed inside checkpoint kill_at's write, its weights already saved
+    from transformers import LlamaForCausalLM
+    real_save, real_checkpoint, saving = LlamaForCausalLM.save_pretrained, ckpt.save_checkpoint, []
+
+    def save_checkpoint(run_dir, step, *args, **kwargs):
+        saving.append(step)
+        try:
+            return real_checkpoint(run_dir, step, *args, **kwargs)
+        finally:
+            saving.pop()
+
+    def save_pretrained(self, folder, *args, **kwargs):
+        real_save(self, folder, *args, **kwargs)
+        if saving and saving[-1] == kill_at:
+            die()
+
+    ckpt.save_checkpoint, LlamaForCausalLM.save_pretrained = save_checkpoint, save_pretrained
 train(cfg, out, set_items=parse_set_items(items), on_step=on_step)
 """
 
+#: Methods by the random streams a resume must restore. steer draws nothing from the ``method``
+#: stream; clip_cov draws one uniform key per token from it at every update, and with these
+#: settings detaches a random 10% of all tokens, so a stream not restored changes the run.
+RESUME_METHODS = {
+    "steer": [],
+    "clip_cov": ["method.clip_ratio=0.1", "method.lb=-1000", "method.ub=1000"],
+}
 
-def test_kill9_then_resume_gives_identical_metrics(tmp_path, sft_cache):
-    items = tiny(sft_cache, "log.eval_every=2", "log.pass_k=1,2")
-    ref, killed = tmp_path / "ref", tmp_path / "killed"
-    res = runner.invoke(app, ["train", "--method", "steer", "--steps", "6", *set_args(items), "-o", str(ref)])
-    assert res.exit_code == 0, res.output
 
+def resume_items(sft_cache: str, method: str) -> list[str]:
+    return tiny(sft_cache, "log.eval_every=2", "log.pass_k=1,2", *RESUME_METHODS[method])
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, sft_cache):
+    """``reference_run(method)``: an uninterrupted 6-step run of :func:`resume_items`, made once."""
+    runs: dict[str, Path] = {}
+
+    def get(method: str) -> Path:
+        if method not in runs:
+            out = tmp_path_factory.mktemp("ref") / method
+            res = runner.invoke(app, ["train", "--method", method, "--steps", "6",
+                                      *set_args(resume_items(sft_cache, method)), "-o", str(out)])
+            assert res.exit_code == 0, res.output
+            runs[method] = out
+        return runs[method]
+
+    return get
+
+
+def kill_run(out: Path, method: str, where: str, kill_at: int, items: list[str]) -> None:
+    """A 6-step run in a child process, killed with SIGKILL after step ``kill_at``
+    (``where="after_step"``) or inside the write of checkpoint ``kill_at`` (``"in_checkpoint"``)."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(killed), "3", "6", *items], env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(out), method, where, str(kill_at), "6", *items],
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    assert len(read_metrics(killed / "metrics.jsonl")) == 3  # step 3 was logged, its checkpoint was not
-    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step_000000", "step_000002"]
 
-    res = runner.invoke(app, ["train", "-o", str(killed), "--resume"])
+
+def assert_resumed_like(ref: Path, out: Path) -> list[dict]:
+    """``--resume`` on ``out`` finishes the run with the metrics and final weights of ``ref``."""
+    res = runner.invoke(app, ["train", "-o", str(out), "--resume"])
     assert res.exit_code == 0, res.output
-    a, b = read_metrics(ref / "metrics.jsonl"), read_metrics(killed / "metrics.jsonl")
+    a, b = read_metrics(ref / "metrics.jsonl"), read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     assert strip_wall(a) == strip_wall(b)
     assert "pass_at_k" in b[-1] and "eval_accuracy" in b[1]
     final = "checkpoints/step_000006/model.safetensors"
-    assert (ref / final).read_bytes() == (killed / final).read_bytes()
-    assert json.loads((killed / "summary.json").read_text())["status"] == "completed"
+    assert (ref / final).read_bytes() == (out / final).read_bytes()
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+    return b
+
+
+@pytest.mark.parametrize("method", sorted(RESUME_METHODS))
+def test_kill9_then_resume_gives_identical_metrics(tmp_path, sft_cache, reference_run, method):
+    items = resume_items(sft_cache, method)
+    ref, killed = reference_run(method), tmp_path / "killed"
+    kill_run(killed, method, "after_step", 3, items)
+    assert len(read_metrics(killed / "metrics.jsonl")) == 3  # step 3 was logged, its checkpoint was not
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step_000000", "step_000002"]
+    recs = assert_resumed_like(ref, killed)
+    if method == "clip_cov":  # the method stream mattered after the resume point: tokens were detached
+        assert all(r["weight_min"] == 0.0 and 0.8 < r["weight_mean"] < 0.95 for r in recs[2:])
+        return
 
     # resuming with a different setting is refused; with more steps it extends the run
+    a = read_metrics(ref / "metrics.jsonl")
     res = runner.invoke(app, ["train", "-o", str(killed), "--resume", "--set", "optim.lr=0.5"])
     assert res.exit_code == 2 and "config differs" in res.output and "optim.lr" in res.output
     res = runner.invoke(app, ["train", "-o", str(killed), "--resume", "--steps", "7"])
@@ -113,6 +178,23 @@ def test_kill9_then_resume_gives_identical_metrics(tmp_path, sft_cache):
     longer = read_metrics(killed / "metrics.jsonl")
     assert [r["step"] for r in longer] == [1, 2, 3, 4, 5, 6, 7] and strip_wall(longer[:6]) == strip_wall(a)
     assert yaml.safe_load((killed / "config.yaml").read_text())["config"]["steps"] == 7
+
+
+def test_kill9_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_path, sft_cache, reference_run):
+    """Killed while checkpoint 4 is being written (its weights saved, the rest not): checkpoint 4
+    does not exist, only a hidden temporary folder; --resume starts from checkpoint 2, removes the
+    leftover, and ends with the uninterrupted run's metrics and weights (clip_cov: every stream)."""
+    items = resume_items(sft_cache, "clip_cov")
+    out = tmp_path / "killed"
+    kill_run(out, "clip_cov", "in_checkpoint", 4, items)
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]  # logged before its checkpoint
+    entries = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert [e for e in entries if not e.startswith(".")] == ["step_000000", "step_000002"]
+    partial = [out / "checkpoints" / e for e in entries if e.startswith(".step_000004.")]
+    assert len(partial) == 1 and (partial[0] / "model.safetensors").is_file()
+    assert not (partial[0] / "trainer_state.json").exists()
+    assert_resumed_like(reference_run("clip_cov"), out)
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
 # ---------------------------------------------------------------------------------------------

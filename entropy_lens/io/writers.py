@@ -4,10 +4,12 @@ reading is :mod:`entropy_lens.io.tables`."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import platform
+import secrets
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -108,17 +110,33 @@ def file_writer(obj: Any) -> Callable[[str], None]:
     return lambda p: Path(p).write_text(json_text(obj), encoding="utf-8")
 
 
+def _keep_old(final: Path) -> str | None:
+    """A hidden hard link to the file ``final`` (a copy where the file system has no hard links),
+    so a set of renames can be undone; ``None`` when ``final`` is not a file."""
+    if not final.is_file():
+        return None
+    keep = str(final.parent / f".{final.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        os.link(final, keep)
+    except OSError:
+        shutil.copy2(final, keep)
+    return keep
+
+
 def atomic_write_files(folder: str | Path, files: dict[str, Any]) -> list[Path]:
     """Write several files of one result into ``folder`` all or nothing.
 
     ``files``: name → content (:func:`file_writer`: a frame, bytes, text, or a JSON value; a name
     ending in ``.yaml`` is written as YAML). Every file goes to a temporary name first; only when
-    all are written are they renamed into place, so an error or interrupt leaves the folder as it
-    was. Returns the final paths.
+    all are written are they renamed into place, each old file kept under a hidden name until the
+    last rename is done, so an error or interrupt (in a write or a rename) leaves the folder as it
+    was. (A kill -9 between two renames can leave some files new and some old; none is ever
+    half-written.) Returns the final paths.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmps: dict[str, str] = {}
+    kept: dict[str, str | None] = {}  # name → its old file, for every name renamed into place
     try:
         for name, content in files.items():  # one temporary file per output
             fd, tmp = temp_file(folder, prefix=f".{name}.", suffix=".tmp")
@@ -129,9 +147,20 @@ def atomic_write_files(folder: str | Path, files: dict[str, Any]) -> list[Path]:
             else:
                 file_writer(content)(tmp)
         for name, tmp in tmps.items():
-            os.replace(tmp, folder / name)
+            old = _keep_old(folder / name)
+            try:
+                os.replace(tmp, folder / name)
+            finally:
+                kept[name] = old  # removed below (and put back first if this rename failed)
+    except BaseException:
+        for name, old in reversed(list(kept.items())):  # undo the renames done: old files back
+            if old is not None:
+                os.replace(old, folder / name)
+            elif not os.path.exists(tmps[name]):  # renamed in, and there was no file before
+                os.unlink(folder / name)
+        raise
     finally:
-        for tmp in tmps.values():
+        for tmp in [*tmps.values(), *(k for k in kept.values() if k is not None)]:
             if os.path.exists(tmp):
                 os.remove(tmp)
     return [folder / name for name in files]
@@ -142,24 +171,46 @@ def atomic_folder(final: str | Path, replace: bool = True) -> Iterator[Path]:
     """Build a folder under a temporary name beside ``final``; rename it into place on success.
 
     Yields the temporary folder to fill. On an exception (interrupt included) it is removed and
-    ``final`` is untouched. ``replace``: an existing ``final`` is replaced; else the new folder is
-    discarded when ``final`` already exists (a concurrent writer of the same content won).
+    ``final`` is untouched. ``replace``: an existing ``final`` is replaced (:func:`_swap_folder`:
+    ``final`` is at every moment the complete old folder, absent, or the complete new one); else the
+    new folder is discarded when ``final`` already exists (a concurrent writer of the same content won).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(final.parent, prefix=f".{final.name}.")
     try:
         yield tmp
-        if final.exists() and replace:
-            shutil.rmtree(final)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if replace or not final.exists():
-                raise
+        if replace:
+            _swap_folder(tmp, final)
+        else:
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                if not final.exists():
+                    raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_folder(new: Path, final: Path) -> None:
+    """Rename the folder ``new`` to ``final``. An old ``final`` is first renamed aside (one rename,
+    never deleted in place), put back when the second rename fails, and deleted once the new
+    folder is in place."""
+    old = None
+    if final.exists() or final.is_symlink():
+        if not final.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(final))
+        old = final.parent / f".{final.name}.{secrets.token_hex(4)}"
+        os.replace(final, old)
+    try:
+        os.replace(new, final)
+    except BaseException:
+        if old is not None:
+            os.replace(old, final)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def versions() -> dict[str, str]:
