@@ -86,27 +86,11 @@ def estimate_terms(
             "peak": params + max(update, jvp_bytes, forward)}
 
 
-def estimate_peak_bytes(
-    lengths: list[int],
-    n_layers: int,
-    hidden: int,
-    n_heads: int,
-    vocab: int,
-    micro_batch: int,
-    dtype_bytes: int,
-    jvp: bool,
-    *,
-    response_lengths: list[int] | None = None,
-    intermediate: int | None = None,
-    n_params: int = 0,
-    eager: bool = False,
-) -> int:
-    """Estimated peak bytes of a validate-like run (forward, one update, optionally the JVP) on
-    sequences of packed ``lengths`` (prompt + response tokens); the formula and the meaning of
-    every argument are in the module docstring and :func:`estimate_terms`."""
-    return estimate_terms(lengths, n_layers, hidden, n_heads, vocab, micro_batch, dtype_bytes, jvp,
-                          response_lengths=response_lengths, intermediate=intermediate, n_params=n_params,
-                          eager=eager)["peak"]
+def estimate_peak_bytes(*args, **kwargs) -> int:
+    """Estimated peak bytes of a validate-like run (forward, one update, optionally the JVP): the
+    ``peak`` of :func:`estimate_terms`, which takes the same arguments (formula in the module
+    docstring)."""
+    return estimate_terms(*args, **kwargs)["peak"]
 
 
 def parse_meminfo(text: str) -> int | None:
