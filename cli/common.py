@@ -30,6 +30,8 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperCommand
 
+from entropy_lens.io.tables import first_line
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -101,12 +103,6 @@ def public_text(text: str) -> str:
     """``text`` with every hidden temporary name of :mod:`entropy_lens.io.writers`
     (``.tokens.parquet.ab12cd34.tmp``) replaced by the final name (``tokens.parquet``)."""
     return _TEMP_NAME.sub(r"\1\2", text)
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message, or its type's name when it has none."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def os_reason(exc: OSError) -> str:

