@@ -8,11 +8,14 @@ import typer
 
 from entropy_lens_cli import (
     analyze_cmd,
+    attribute_cmd,
     compare_cmd,
     demo_cmd,
+    eval_cmd,
     plot_cmd,
     report_cmd,
     sample_cmd,
+    table_cmd,
     train_cmd,
     validate_cmd,
 )
@@ -34,7 +37,8 @@ def root(
     """Entropy dynamics of RL with verifiable rewards."""
 
 
-for _module in (sample_cmd, analyze_cmd, validate_cmd, compare_cmd, train_cmd, plot_cmd, report_cmd, demo_cmd):
+for _module in (sample_cmd, analyze_cmd, validate_cmd, compare_cmd, train_cmd, plot_cmd, report_cmd, table_cmd, demo_cmd,
+                eval_cmd, attribute_cmd):
     _module.register(app)
 
 

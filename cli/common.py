@@ -314,14 +314,24 @@ def run_config(config: dict, options: dict | None, versions: dict) -> dict:
     return out
 
 
-def load_checkpoint(option: str, path: str | None, allow_pickle: bool = False):
+#: ``--dtype`` choices; ``auto`` is float32 on the CPU (bfloat16 where a GPU path exists).
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_dtype(dtype: str) -> str:
+    """``--dtype`` to a dtype name (``auto`` → ``float32``: every command runs on the CPU)."""
+    check_choice("--dtype", dtype, DTYPES)
+    return "float32" if dtype == "auto" else dtype
+
+
+def load_checkpoint(option: str, path: str | None, allow_pickle: bool = False, dtype: str = "float32"):
     """``(model, tokenizer)`` of ``--model``/``--next-model`` (:func:`entropy_lens.model.load.load_model`;
-    None: the bundled model); a failure the loader does not name (e.g. a corrupt safetensors file)
-    is named by the option."""
+    None: the bundled model) in ``dtype``; a failure the loader does not name (e.g. a corrupt
+    safetensors file) is named by the option."""
     from entropy_lens.model.load import ModelLoadError, load_model
 
     try:
-        return load_model(path, allow_pickle=allow_pickle)
+        return load_model(path, dtype=dtype, allow_pickle=allow_pickle)
     except ModelLoadError:
         raise
     except Exception as exc:  # only expected failures are renamed; bugs pass on

@@ -18,6 +18,7 @@ from entropy_lens.methods import (
     get_method,
     list_methods,
     params_from_dict,
+    params_sources,
     params_table,
 )
 from entropy_lens.overrides import parse_set_items, split_method_keys
@@ -29,6 +30,7 @@ from entropy_lens.pipelines.compare import (
 from entropy_lens_cli.common import (
     add_command,
     check_choice,
+    check_int,
     check_positive,
     console,
     input_id,
@@ -67,6 +69,10 @@ def compare(
     ] = None,
     lr: Annotated[float, typer.Option("--lr", help="learning rate η of the first-order predictions")] = 1e-6,
     seed: Annotated[int, typer.Option("--seed", help="seed of every random choice (Clip-Cov)")] = 0,
+    micro_batch: Annotated[
+        Optional[int],
+        typer.Option("--micro-batch", help="samples per micro-batch of the methods' micro scope (consecutive samples; the STEER reference uses 8); default: the whole batch"),
+    ] = None,
     measure: Annotated[bool, typer.Option("--measure", help="also take one real optimizer step per method from --model on --rollouts and measure ΔH")] = False,
     model: Annotated[Optional[str], typer.Option("--model", help="with --measure: HF folder or verl checkpoint (default: bundled model)")] = None,
     rollouts: Annotated[Optional[Path], typer.Option("--rollouts", "-r", help="with --measure: the rollouts TOKENS was computed from")] = None,
@@ -81,25 +87,30 @@ def compare(
         raise ValueError("-m/--method: a method is listed more than once")
     overrides = parse_overrides(list(set_ or []), methods)
     check_positive("--lr", lr)
+    check_int("--micro-batch", micro_batch)
     check_choice("--optimizer", optimizer, ("sgd", "adamw"))
     options = {"tokens": input_id(tokens, ""), "method": methods, "set": list(set_ or []), "lr": lr, "seed": seed,
-               "measure": measure}
+               "measure": measure, "micro_batch": micro_batch}
     if measure:
         options.update(model=input_id(model, "bundled"), rollouts=input_id(rollouts, "shipped"), optimizer=optimizer)
     with prepare_out_dir(out, "compare", options):
         df = read_parquet(tokens)
         try:
             validate_tokens_frame(df)
-            long_df, summary = compare_methods(df, methods, overrides, lr=lr, seed=seed)
+            long_df, summary = compare_methods(df, methods, overrides, lr=lr, seed=seed, micro_batch=micro_batch,
+                                               skip_missing=not method)
         except ValueError as e:
             raise ValueError(f"{tokens}: {e}") from e
         if measure:
-            long_df, summary = _measure(long_df, summary, df, methods, overrides, lr, seed,
-                                        (model, allow_pickle), rollouts, optimizer)
+            ran = [m for m in methods if m not in summary["skipped"]]
+            long_df, summary = _measure(long_df, summary, df, ran, overrides, lr, seed,
+                                        (model, allow_pickle), rollouts, optimizer, micro_batch)
         summary = {"command": "compare", "tokens": str(tokens), "methods_requested": methods, "overrides": overrides,
                    "options": recorded(options), "versions": versions(), **summary}
         atomic_write_files(out, {"compare.parquet": long_df, "summary.json": summary})
     console.print(_results_table(summary, lr, measure))
+    for name, reason in summary["skipped"].items():
+        console.print(f"note: {name} skipped: {reason}")
     console.print(f"wrote {out / 'compare.parquet'} and {out / 'summary.json'}")
 
 
@@ -119,7 +130,7 @@ def _results_table(summary: dict, lr: float, measure: bool) -> Table:
     return table
 
 
-def _measure(long_df, summary, tokens_df, methods, overrides, lr, seed, model_spec, rollouts, optimizer):
+def _measure(long_df, summary, tokens_df, methods, overrides, lr, seed, model_spec, rollouts, optimizer, micro_batch=None):
     """Measured ΔH of one real step per method, merged into ``long_df`` and ``summary``;
     ``model_spec``: ``(--model, --allow-pickle)``."""
     import numpy as np
@@ -139,7 +150,8 @@ def _measure(long_df, summary, tokens_df, methods, overrides, lr, seed, model_sp
     mdl, tok = load_checkpoint("--model", model, allow_pickle)
     with stage_progress({"methods": len(methods)}) as advance:
         meas_df, totals = measure_methods(mdl, tok, frame, methods, overrides,
-                                          ValidateSettings(lr=lr, optimizer=optimizer), seed, str(src), advance)
+                                          ValidateSettings(lr=lr, optimizer=optimizer), seed, str(src), advance,
+                                          scope_micro_batch=micro_batch)
     n_rows = int(meas_df["method"].eq(methods[0]).sum())
     if n_rows != len(tokens_df):
         raise ValueError(f"{src}: gives {n_rows} response tokens but the tokens file has {len(tokens_df)}; "
@@ -158,16 +170,22 @@ def _measure(long_df, summary, tokens_df, methods, overrides, lr, seed, model_sp
 
 
 def methods() -> None:
-    """List the registered methods: name, summary, parameters with defaults, factors touched."""
-    table = Table(title="entropy_lens methods")
+    """List the registered methods: name, summary, parameters with defaults and the source of each
+    default, factors touched, inputs required beyond the batch (reward, ref_logp)."""
+    table = Table(title="entropy_lens methods", show_lines=True)
     table.add_column("method", no_wrap=True)
     table.add_column("summary")
-    table.add_column("parameters (defaults)")
+    table.add_column("parameters (defaults)", no_wrap=True)
+    table.add_column("source of the default")
     table.add_column("factors")
+    table.add_column("needs")
     for name in list_methods():
         spec = get_method(name)
-        params = "\n".join(f"{k}={v}" for k, v in params_table(name))
-        table.add_row(name, spec.summary, params, ", ".join(spec.factors) or "-")
+        sources = params_sources(name)
+        rows = params_table(name)
+        table.add_row(name, spec.summary, "\n".join(f"{k}={v}" for k, v in rows),
+                      "\n".join(sources[k] or "-" for k, _ in rows), ", ".join(spec.factors) or "-",
+                      ", ".join(spec.needs) or "-")
     console.print(table)
 
 

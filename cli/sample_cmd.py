@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -13,20 +12,28 @@ from entropy_lens_cli.common import (
     check_int,
     check_positive,
     console,
+    input_id,
     load_checkpoint,
     prepare_out_file,
     stage_progress,
 )
 
 
-def check_sample_options(n: int, prompts: Optional[int], temperature: float, max_new_tokens: int, reward: str,
-                         convention: str, batch_size: int) -> None:
+def check_top_p(option: str, value: float) -> None:
+    """``option`` is a number in (0, 1] (nucleus sampling; 1 = the full softmax)."""
+    if not (0.0 < value <= 1.0):
+        raise ValueError(f"{option} must be in (0, 1] (1: the full softmax), got {value}")
+
+
+def check_sample_options(n: int, prompts: int | None, temperature: float, max_new_tokens: int, reward: str,
+                         convention: str, batch_size: int, top_p: float = 1.0) -> None:
     """Every option of ``sample`` in range (one line naming the option, before any work)."""
     from entropy_lens.rewards import REWARDS
 
     check_int("-n", n)
     check_int("--prompts", prompts)
     check_positive("--temperature", temperature)
+    check_top_p("--top-p", top_p)
     check_int("--max-new-tokens", max_new_tokens)
     check_choice("--reward", reward, list(REWARDS))
     check_choice("--convention", convention, ("pm1", "01"))
@@ -35,10 +42,11 @@ def check_sample_options(n: int, prompts: Optional[int], temperature: float, max
 
 def sample(
     dataset: str = typer.Option("gsm8k-demo", "--dataset", "-d", help="Shipped name (gsm8k-demo), verl-schema parquet, or problem/answer table."),
-    model: Optional[str] = typer.Option(None, "--model", help="HF folder or verl checkpoint (default: bundled SmolLM2-135M-Instruct)."),
+    model: str | None = typer.Option(None, "--model", help="HF folder or verl checkpoint (default: bundled SmolLM2-135M-Instruct)."),
     n: int = typer.Option(8, "-n", help="Responses per prompt."),
-    prompts: Optional[int] = typer.Option(None, "--prompts", help="Use the first K prompts."),
+    prompts: int | None = typer.Option(None, "--prompts", help="Use the first K prompts."),
     temperature: float = typer.Option(1.0, "--temperature"),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling in (0, 1]; 1 = the full softmax. old_logp stays the full-softmax log-prob."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
     reward: str = typer.Option("math", "--reward", help="Verifier: math (math-verify) or dapo."),
     convention: str = typer.Option("pm1", "--convention", help="pm1 (±1) or 01."),
@@ -51,7 +59,7 @@ def sample(
     from entropy_lens.io.datasets import load_prompts
     from entropy_lens.pipelines.sample import sample_rollouts
 
-    check_sample_options(n, prompts, temperature, max_new_tokens, reward, convention, batch_size)
+    check_sample_options(n, prompts, temperature, max_new_tokens, reward, convention, batch_size, top_p)
     prepare_out_file(out, (".parquet", ".jsonl"))
     table = load_prompts(dataset, prompts)
     if prompts is not None and len(table) < prompts:
@@ -61,10 +69,14 @@ def sample(
     with stage_progress({"responses": len(table) * n}) as advance:
         frame = sample_rollouts(mdl, tok, table, n=n, temperature=temperature, max_new_tokens=max_new_tokens,
                                 seed=seed, reward=reward, convention=convention, batch_size=batch_size,
-                                progress=lambda k: advance("responses", k))
+                                progress=lambda k: advance("responses", k), top_p=top_p)
+    frame.attrs["sampling"]["model"] = input_id(model, "bundled")
+    frame.attrs["sampling"]["dataset"] = input_id(dataset, str(dataset))
     write_rollout_file(out, frame)
     acc = float((frame["reward"] > 0).mean())
-    console.print(f"wrote {len(frame)} rollouts ({len(table)} prompts × {n}) to {out}; accuracy {acc:.3f}")
+    nucleus = f", top-p {top_p:g}" if top_p < 1 else ""
+    console.print(f"wrote {len(frame)} rollouts ({len(table)} prompts × {n}, τ {temperature:g}{nucleus}) to {out}; "
+                  f"accuracy {acc:.3f}")
 
 
 def write_rollout_file(out: Path, frame) -> None:

@@ -1,7 +1,7 @@
 """``entropy-lens train``: the reference GRPO/STEER trainer (thin: parse, call the library, print).
 
-    entropy-lens train --preset arithmetic-tiny --method steer [--set optim.lr=1e-4 ...]
-                       [--seed S] [--steps N] -o DIR [--resume]
+    entropy-lens train --preset arithmetic-tiny --method steer [--profile paper] [--set optim.lr=1e-4 ...]
+                       [--seed S] [--steps N] [--logger tensorboard] -o DIR [--resume]
 
 Exit codes: 0 done; 2 user error (one line on stderr: unknown preset/method/key, bad value, a
 reward function that raised, a run folder in the way or being written by another command); 3 the run diverged (non-finite loss; the
@@ -11,7 +11,7 @@ last good checkpoint is kept and named).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.progress import (
@@ -36,8 +36,8 @@ from entropy_lens_cli.common import (
 
 
 def resolve_run_config(
-    preset: Optional[str], method: Optional[str], set_items: list[str], seed: Optional[int],
-    steps: Optional[int], out: Path, resume: bool,
+    preset: str | None, method: str | None, set_items: list[str], seed: int | None,
+    steps: int | None, out: Path, resume: bool, profile: str | None = None,
 ) -> tuple[Any, dict[str, str]]:
     """The run's config: from the flags (fresh run), or the saved config.yaml updated by the flags
     (``--resume``; the library then checks that nothing but ``steps`` changed)."""
@@ -48,27 +48,41 @@ def resolve_run_config(
         saved, saved_set = load_run_config(out)
         overrides = {**saved_set, **given}
         cfg = build_config(preset or saved.preset, method or saved.method, overrides,
-                           seed if seed is not None else saved.seed, steps if steps is not None else saved.steps)
+                           seed if seed is not None else saved.seed, steps if steps is not None else saved.steps,
+                           profile=profile or saved.profile)
         return cfg, overrides
-    cfg = build_config(preset or "arithmetic-tiny", method or "grpo", given, seed, steps)
+    cfg = build_config(preset or "arithmetic-tiny", method or "grpo", given, seed, steps, profile=profile)
     return cfg, given
 
 
 def train(
     out: Annotated[Path, typer.Option("-o", "--out", help="run folder (metrics.jsonl, rollouts/, checkpoints/, config.yaml, summary.json)")],
-    preset: Annotated[Optional[str], typer.Option("--preset", help="arithmetic-tiny (default) or gsm8k-smollm2")] = None,
-    method: Annotated[Optional[str], typer.Option("--method", "-m", help="registered method (entropy-lens methods); default grpo")] = None,
+    preset: Annotated[str | None, typer.Option("--preset", help="arithmetic-tiny (default) or gsm8k-smollm2")] = None,
+    method: Annotated[str | None, typer.Option("--method", "-m", help="registered method (entropy-lens methods); default grpo")] = None,
     set_: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--set", help="override KEY=VALUE, e.g. optim.lr=1e-4, rollout.n=4, steer.lambda_min=0.7 (repeatable)"),
     ] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="seed of every random stream")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="number of RL steps")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="seed of every random stream")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="number of RL steps")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in -o from its newest checkpoint")] = False,
+    profile: Annotated[
+        str | None,
+        typer.Option("--profile", help="settings applied over the preset before --set: paper (the STEER reference setting, docs/trainer.md)"),
+    ] = None,
+    logger: Annotated[
+        list[str] | None,
+        typer.Option("--logger", help="extra logger beside metrics.jsonl: tensorboard (writes RUN/tensorboard/)"),
+    ] = None,
 ) -> None:
     """Train with GRPO or any registered intervention and log predicted vs measured entropy change."""
     check_int("--steps", steps)
-    cfg, overrides = resolve_run_config(preset, method, list(set_ or []), seed, steps, out, resume)
+    items = list(set_ or [])
+    for name in logger or []:
+        if name != "tensorboard":
+            fail(f"--logger: unknown logger {name!r}; available: tensorboard")
+        items.append("log.tensorboard=true")
+    cfg, overrides = resolve_run_config(preset, method, items, seed, steps, out, resume, profile)
     with prepare_out_dir(out, "train", None):
         summary = _run(cfg, out, resume, overrides)
     _print_summary(cfg, summary)

@@ -20,6 +20,7 @@ from entropy_lens_cli.common import (
     input_id,
     load_checkpoint,
     prepare_out_dir,
+    resolve_dtype,
     stage_progress,
     write_run,
 )
@@ -51,6 +52,7 @@ def validate(
     max_len: Optional[int] = typer.Option(None, "--max-len", help="Cut every response to its first N tokens (noted in summary.json); for runs that would not fit in memory."),
     no_jvp: bool = typer.Option(False, "--no-jvp", help="Skip the parameter-space JVP estimator."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle-format weights (runs code from the file)."),
+    dtype: str = typer.Option("auto", "--dtype", help="Model dtype: auto (float32 on the CPU), float32, bfloat16 or float16. Low precision: the update uses an fp32 master copy and ΔH is measured in float32 (summary.json: precision, noise_floor)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory to write."),
 ) -> None:
     """Estimators vs the measured ΔH of one real optimizer step (writes tokens.parquet, summary.json)."""
@@ -58,10 +60,11 @@ def validate(
     from entropy_lens.pipelines.validate import ValidateSettings, run_validate
 
     check_validate_options(lr, optimizer, temperature, eps_low, eps_high, micro_batch, max_samples, max_len)
+    dtype = resolve_dtype(dtype)
     src = rollouts if rollouts is not None else default_rollouts()
     options = {"model": input_id(model, "bundled"), "rollouts": input_id(src, ""), "lr": lr, "optimizer": optimizer,
                "temperature": temperature, "eps_low": eps_low, "eps_high": eps_high, "max_samples": max_samples,
-               "max_len": max_len, "jvp": not no_jvp}
+               "max_len": max_len, "jvp": not no_jvp, "dtype": dtype}
     with prepare_out_dir(out, "validate", options):
         frame = ro.load_rollouts(src)
         if max_samples:
@@ -72,7 +75,7 @@ def validate(
             frame["reward"] = score_batch(frame["response"].tolist(), frame["ground_truth"].astype(str).tolist(), "math")
         t0 = time.time()
         with console.status("loading model"):
-            mdl, tok = load_checkpoint("--model", model, allow_pickle)
+            mdl, tok = load_checkpoint("--model", model, allow_pickle, dtype)
         settings = ValidateSettings(lr=lr, optimizer=optimizer, temperature=temperature, eps_low=eps_low,
                                     eps_high=eps_high, micro_batch=micro_batch, jvp=not no_jvp, max_len=max_len)
         B = len(frame)
@@ -88,6 +91,9 @@ def validate(
                                          **summary["settings"]}, options)
     console.print(estimator_table(summary["estimators"], f"ΔH estimators vs measured ({optimizer}, lr={lr:g}, "
                                                          f"{summary['n_tokens']} tokens)"))
+    floor = summary["noise_floor"]
+    console.print(f"measured in {floor['measuring_dtype']}: median |ΔH| {floor['step_abs_dh']['p50']:.3e}, "
+                  f"noise floor (η = 0) median {floor['floor_abs_dh']['p50']:.3e}")
     for note in summary["notes"]:
         console.print(f"note: {note}")
     console.print(f"wrote {out}/tokens.parquet, {out}/summary.json")

@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = [
     "CONVENTIONS",
@@ -41,6 +41,7 @@ __all__ = [
     "extract_answer_dapo",
     "get_reward_fn",
     "normalize_answer",
+    "overlong_penalty",
     "score_batch",
     "score_dapo",
     "score_math",
@@ -392,3 +393,25 @@ def score_batch(
             f"responses and ground_truths differ in length ({len(responses)} vs {len(ground_truths)})"
         )
     return [fn(r, g, convention) for r, g in zip(responses, ground_truths)]
+
+
+def overlong_penalty(lengths: list[int], max_len: int, buffer: int, factor: float = 1.0) -> list[float]:
+    """DAPO's soft overlong punishment (arXiv:2503.14476, eq. 13), added to the reward.
+
+    For a response of ``|y|`` tokens, with L_max = ``max_len`` and L_cache = ``buffer``:
+    0 if |y| ≤ L_max − L_cache; ((L_max − L_cache) − |y|) / L_cache inside the buffer; −1 if
+    |y| > L_max — each times ``factor``. A response cut at exactly L_max tokens gets −``factor``.
+    ``buffer`` must be in [1, max_len].
+    """
+    if not 1 <= buffer <= max_len:
+        raise ValueError(f"overlong buffer must be in [1, max_len={max_len}], got {buffer}")
+    start = max_len - buffer
+    out = []
+    for n in lengths:
+        if n <= start:
+            out.append(0.0)
+        elif n <= max_len:
+            out.append(factor * (start - n) / buffer)
+        else:
+            out.append(-factor)
+    return out

@@ -16,6 +16,8 @@ import torch
 
 #: Per-token tensor fields of a TokenBatch, in frame column order.
 TOKEN_FIELDS = ("logp", "old_logp", "entropy", "sum_p2", "sum_p2_logp", "adv")
+#: Optional per-token fields (``None`` when not recorded); frame columns of the same name.
+OPTIONAL_TOKEN_FIELDS = ("old_entropy", "ref_logp")
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,11 @@ class TokenBatch:
     ``group_id, reward``: ``[B]``. ``logp``/``old_logp``: log π(a|s) of the sampled token under the
     current / the behaviour policy (nats). ``entropy``: H(π(·|s)) (nats). ``sum_p2``: Σ_v π_v²;
     ``sum_p2_logp``: Σ_v π_v² log π_v (nats). ``adv``: the token's advantage.
+
+    Optional (``None`` when not recorded), ``[B, T]``: ``old_entropy``: H(π_old(·|s)), the
+    entropy recorded with ``old_logp`` at θ_old (nats; STEER's reference ω reads it);
+    ``ref_logp``: log π_ref(a|s) of the sampled token under the reference policy (nats; ``kl_ref``).
+    Where the batch itself is at θ_old (analyze, compare), ``old_entropy`` equals ``entropy``.
     """
 
     token_ids: torch.Tensor
@@ -39,6 +46,8 @@ class TokenBatch:
     group_id: torch.Tensor
     reward: torch.Tensor
     meta: dict[str, Any] = field(default_factory=dict)
+    old_entropy: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         shape = tuple(self.mask.shape)
@@ -49,6 +58,10 @@ class TokenBatch:
         for name in ("token_ids",) + TOKEN_FIELDS:
             t = getattr(self, name)
             if tuple(t.shape) != shape:
+                raise ValueError(f"TokenBatch.{name} has shape {tuple(t.shape)}, mask has {shape}")
+        for name in OPTIONAL_TOKEN_FIELDS:
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != shape:
                 raise ValueError(f"TokenBatch.{name} has shape {tuple(t.shape)}, mask has {shape}")
         for name in ("group_id", "reward"):
             t = getattr(self, name)
@@ -77,7 +90,8 @@ class TokenBatch:
         """Long frame: one row per valid response token.
 
         Columns: ``sample, group, pos, token_id, [token], logp, old_logp, entropy, sum_p2,
-        sum_p2_logp, adv, reward`` plus every ``extra`` ``[B, T]`` tensor under its key.
+        sum_p2_logp, adv, [old_entropy], [ref_logp], reward`` (the optional fields when recorded)
+        plus every ``extra`` ``[B, T]`` tensor under its key.
         ``token_text[b][t]`` gives the decoded text of token t of response b, if provided.
         """
         m = self.mask.cpu()
@@ -90,8 +104,10 @@ class TokenBatch:
         }
         if token_text is not None:
             cols["token"] = [token_text[b][t] for b, t in zip(b_idx.tolist(), t_idx.tolist())]
-        for name in TOKEN_FIELDS:
-            cols[name] = getattr(self, name).detach().cpu()[m].double().numpy()
+        for name in TOKEN_FIELDS + OPTIONAL_TOKEN_FIELDS:
+            t = getattr(self, name)
+            if t is not None:
+                cols[name] = t.detach().cpu()[m].double().numpy()
         cols["reward"] = self.reward.cpu()[b_idx].double().numpy()
         for name, t in (extra or {}).items():
             if tuple(t.shape) != tuple(m.shape):
@@ -104,7 +120,8 @@ class TokenBatch:
     def from_frame(
         cls, df: pd.DataFrame, meta: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32
     ) -> "TokenBatch":
-        """Inverse of :meth:`to_frame` for the TokenBatch fields (extra columns are ignored).
+        """Inverse of :meth:`to_frame` for the TokenBatch fields (extra columns are ignored; the
+        optional fields are read when their columns are present).
 
         Rows are placed by ``sample`` (0..B−1) and ``pos``; missing positions become padding.
         Float fields get ``dtype`` (float64 when batch sums must not cancel).
@@ -134,6 +151,7 @@ class TokenBatch:
             group_id=group_id,
             reward=reward,
             meta=dict(meta or {}),
+            **{name: grid(name, dtype) for name in OPTIONAL_TOKEN_FIELDS if name in df.columns},
         )
 
 
@@ -151,5 +169,5 @@ def frame_grid(df: pd.DataFrame, column: str | None, shape: tuple[int, int], dty
 
 
 def tensor_field_names() -> list[str]:
-    """Names of all tensor fields of TokenBatch."""
+    """Names of all tensor fields of TokenBatch (the optional ones included)."""
     return [f.name for f in fields(TokenBatch) if f.name != "meta"]

@@ -124,3 +124,54 @@ def test_integer_rewards_are_accepted():
     adv = dr_grpo(torch.tensor([1, 0]), torch.tensor([0, 0]))
     assert adv.dtype == torch.float32
     torch.testing.assert_close(adv, torch.tensor([0.5, -0.5]))
+
+
+def test_two_response_groups_hand_values():
+    """Groups of two: the unbiased std divides by n − 1 = 1, and RLOO's baseline is the other response."""
+    reward, group = torch.tensor([1.0, 0.0, 3.0, 2.0]), torch.tensor([0, 0, 1, 1])
+    a = 0.5 / (math.sqrt(0.5) + 1e-6)  # centred ±0.5, var = (0.25 + 0.25) / 1
+    torch.testing.assert_close(grpo(reward, group), torch.tensor([a, -a, a, -a]))
+    torch.testing.assert_close(rloo(reward, group), torch.tensor([1.0, -1.0, 1.0, -1.0]))
+
+
+def test_opo_weighted_baseline_when_lengths_sum_to_one():
+    # lengths (1, 0): b = (1·1 + 0·0) / 1 = 1, not the plain mean 0.5
+    torch.testing.assert_close(opo(torch.tensor([1.0, 0.0]), torch.tensor([0, 0]), torch.tensor([1, 0])),
+                               torch.tensor([0.0, -1.0]))
+
+
+@pytest.mark.parametrize("name", sorted(ADVANTAGES))
+def test_integer_rewards_give_float32_values_of_every_estimator(name):
+    ints = compute_advantages(name, torch.tensor([1, 0, 0, 2, 2]), torch.tensor([0, 0, 0, 1, 1]), torch.tensor([2, 1, 1, 3, 1]))
+    floats = compute_advantages(name, torch.tensor([1.0, 0.0, 0.0, 2.0, 2.0]), torch.tensor([0, 0, 0, 1, 1]),
+                                torch.tensor([2, 1, 1, 3, 1]))
+    assert ints.dtype == torch.float32
+    torch.testing.assert_close(ints, floats)
+    assert float(ints[0]) > 0.0 and float(ints[3]) == 0.0
+
+
+def test_advantage_dtype_follows_the_reward():
+    out = opo(torch.tensor([1.0, 0.0]), torch.tensor([0, 0]), torch.tensor([3.0, 1.0], dtype=torch.float64))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.tensor([0.25, -0.75]))
+    tok = broadcast_to_tokens(torch.tensor([2, -1]), torch.tensor([[True, False], [True, True]]))
+    assert tok.dtype == torch.float32 and tok.tolist() == [[2.0, 0.0], [-1.0, -1.0]]
+
+
+@pytest.mark.parametrize("name", sorted(ADVANTAGES))
+def test_empty_batch_gives_empty_advantages(name):
+    out = compute_advantages(name, torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    assert out.shape == (0,) and out.dtype == torch.float32
+
+
+def test_error_messages_name_the_problem_exactly():
+    with pytest.raises(ValueError, match=r"^reward must be a 1-D \[B\] tensor, got shape \(2, 3\)$"):
+        grpo(torch.zeros(2, 3), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"^opo needs lengths \[B\] \(response lengths in tokens\)$"):
+        opo(REWARD, GROUP)
+    with pytest.raises(ValueError, match=r"^lengths has shape \(2,\), reward has \(6,\); both must be \[B\]$"):
+        opo(REWARD, GROUP, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"^lengths must be >= 0$"):
+        opo(REWARD, GROUP, torch.tensor([1, 2, 3, 4, -1, 6]))
+    with pytest.raises(ValueError, match=r"^unknown advantage estimator 'ppo'; choose one of: grpo, dr_grpo, rloo, opo$"):
+        compute_advantages("ppo", REWARD, GROUP)

@@ -120,3 +120,26 @@ def test_bad_options(tmp_path, tiny_model_dir):
     roll = write_rollouts(tmp_path / "r.jsonl", arithmetic_rows())
     _fails(tmp_path, ["--model", str(tiny_model_dir), "--rollouts", str(roll), "--lr", "0"], "--lr must be > 0")
     _fails(tmp_path, ["--model", str(tiny_model_dir), "--rollouts", str(roll), "--optimizer", "lion"], "sgd or adamw")
+
+
+def test_validate_in_bfloat16_measures_in_float32(tmp_path, tiny_model_dir):
+    roll = write_rollouts(tmp_path / "r.jsonl", arithmetic_rows())
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["validate", "--model", str(tiny_model_dir), "--rollouts", str(roll), "--lr", "0.05",
+                              "--dtype", "bfloat16", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["precision"] == {"model_dtype": "bfloat16", "update": "fp32 master copy of the parameters",
+                                    "measuring_dtype": "float32"}
+    floor = summary["noise_floor"]
+    assert floor["floor_abs_dh"]["max"] == 0.0 and floor["step_abs_dh"]["p50"] > 0
+    assert summary["estimators"]["dh_jvp"]["pcc"] > 0.95
+    assert "noise floor" in res.output
+
+
+def test_bad_dtype_is_one_line(tmp_path, tiny_model_dir):
+    res = runner.invoke(app, ["validate", "--model", str(tiny_model_dir), "--dtype", "float8", "-o", str(tmp_path / "o")])
+    assert res.exit_code == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--dtype must be" in lines[0]
+    assert not (tmp_path / "o").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -83,8 +84,11 @@ def result(frame):
 def test_long_frame_shape(frame, result):
     long_df, summary = result
     assert list(long_df.columns) == list(LONG_COLUMNS)
-    assert len(long_df) == len(frame) * len(list_methods())
-    assert set(long_df["method"]) == set(list_methods())
+    # kl_ref needs reference log-probs, which a tokens table without ref_logp lacks: skipped, named
+    assert set(summary["skipped"]) == {"kl_ref"} and "ref_logp" in summary["skipped"]["kl_ref"]
+    ran = [m for m in list_methods() if m not in summary["skipped"]]
+    assert len(long_df) == len(frame) * len(ran)
+    assert set(long_df["method"]) == set(ran)
     assert long_df["touched"].dtype == bool
     assert summary["n_tokens"] == len(frame)
     json.dumps(summary, allow_nan=False)  # JSON-ready (no NaN / inf)
@@ -135,9 +139,12 @@ def test_neutral_steer_equals_grpo_and_default_steer_shrinks(frame):
 def test_w_reinforce_adv_eff(frame, result):
     long_df, _ = result
     w = long_df[long_df.method == "w_reinforce"].reset_index(drop=True)
-    adv = frame.sort_values(["sample", "pos"])["adv"].to_numpy()
-    expected = [0.1 * a if a > 0 else a for a in adv]
+    f = frame.sort_values(["sample", "pos"])
+    expected = np.where(f["reward"].to_numpy() > 0.5, 0.1, -1.0)  # raw rewards: λ·PSR + NSR
     assert w["adv_eff"].to_numpy() == pytest.approx(expected, rel=1e-6)
+    old, _ = compare_methods(frame, ["w_reinforce"], {"w_reinforce": {"advantage": "grpo"}}, lr=LR, seed=0)
+    adv = f["adv"].to_numpy()
+    assert old["adv_eff"].to_numpy() == pytest.approx([0.1 * a if a > 0 else a for a in adv], rel=1e-6)
 
 
 def test_entropy_bonus_penalty_reported_null_with_reason(result):
@@ -316,3 +323,48 @@ def test_cli_methods_lists_registry():
 
 def test_required_columns_documented():
     assert {"omega_paper", "dh_all_logit", "dh_cov", "quadrant"} <= set(REQUIRED_COLUMNS)
+
+
+def test_a_requested_method_missing_its_input_is_an_error(frame):
+    with pytest.raises(ValueError, match="method kl_ref needs ref_logp"):
+        compare_methods(frame, ["grpo", "kl_ref"], {}, lr=LR, skip_missing=False)
+    with pytest.raises(ValueError, match="no method can run on this table"):
+        compare_methods(frame, ["kl_ref"], {}, lr=LR)
+
+
+def test_micro_batch_scope_normalises_steer_per_micro_batch(frame):
+    from entropy_lens.methods import steer_omega, steer_weights
+    from entropy_lens.objective import clip_active
+
+    long_df, summary = compare_methods(frame, ["steer"], {}, lr=LR, micro_batch=2)
+    assert summary["micro_batch"] == 2
+    b = TokenBatch.from_frame(frame)
+    B = b.mask.shape[0]
+    iclip = clip_active(b.ratio, b.adv, 0.2, 0.28, 10.0)
+    om = steer_omega(b.logp, b.old_logp, b.entropy, b.adv, b.ratio, iclip, "code", False)
+    expected = steer_weights(om.abs(), b.mask, torch.arange(B) // 2, "exp", 0.8, 1.0)
+    got = long_df.sort_values(["sample", "pos"])["weight"].to_numpy()
+    assert np.allclose(got, expected[b.mask].double().numpy(), rtol=1e-6)
+    whole = compare_methods(frame, ["steer"], {}, lr=LR)[0].sort_values(["sample", "pos"])["weight"].to_numpy()
+    assert not np.allclose(got, whole)  # the scope matters on this batch
+
+
+def test_cli_micro_batch_and_skipped_methods(tmp_path, frame):
+    from entropy_lens_cli.app import app
+
+    runner = CliRunner()
+    tokens = tmp_path / "tokens.parquet"
+    frame.to_parquet(tokens)
+    res = runner.invoke(app, ["compare", str(tokens), "--micro-batch", "2", "-o", str(tmp_path / "all")])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "all" / "summary.json").read_text())
+    assert summary["micro_batch"] == 2 and set(summary["skipped"]) == {"kl_ref"}
+    assert "kl_ref skipped" in res.output
+    # asked for by name, a method the table cannot feed is an error: one line, exit 2, nothing written
+    res = runner.invoke(app, ["compare", str(tokens), "-m", "kl_ref", "-m", "grpo", "-o", str(tmp_path / "one")])
+    assert res.exit_code == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "kl_ref needs ref_logp" in lines[0]
+    assert not (tmp_path / "one").exists()
+    res = runner.invoke(app, ["compare", str(tokens), "--micro-batch", "0", "-o", str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "--micro-batch" in res.stderr

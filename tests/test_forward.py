@@ -71,3 +71,57 @@ def test_vocabulary_width_memory_stays_within_one_chunk():
     got = response_stats(model, packed, micro_batch=4, chunk_bytes=budget)
     for k in ref:
         assert torch.allclose(got[k], ref[k], atol=1e-5), k
+
+
+def _loss_and_grads(model, packed, **kw):
+    logp, ent = response_logp_entropy(model, packed, 0.9, **kw)
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(logp.shape, generator=g, dtype=logp.dtype)
+    b = torch.randn(ent.shape, generator=g, dtype=ent.dtype)
+    loss = (a * logp).sum() + (b * ent).sum()
+    grads = torch.autograd.grad(loss, [p for p in model.parameters()])
+    return logp.detach(), ent.detach(), grads
+
+
+def test_chunked_differentiable_path_equals_the_one_pass_path_in_value_and_gradient(tiny_model):
+    model = tiny_model.double()
+    packed = pack(*_batch(), pad_id=0)
+    ref = _loss_and_grads(model, packed, chunk_rows=10_000)  # one chunk: the plain path
+    for rows in (1, 2, 3, 8):
+        got = _loss_and_grads(model, packed, chunk_rows=rows)
+        assert torch.allclose(got[0], ref[0], rtol=0, atol=1e-12)
+        assert torch.allclose(got[1], ref[1], rtol=0, atol=1e-12)
+        for gg, gr in zip(got[2], ref[2]):
+            assert torch.allclose(gg, gr, rtol=1e-10, atol=1e-13)
+    tiny_model.float()
+
+
+def test_chunked_differentiable_path_bounds_vocabulary_width_memory_through_backward():
+    """Forward + backward: the one-pass path holds [M, V] several times; the chunked path at most
+    a few [r, V] blocks of one chunk, whatever M is."""
+    from conftest import make_model
+
+    from entropy_lens.testing.memtrack import live_peak_bytes
+
+    v = 4096
+    model = make_model(vocab=v)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(7, v, (5,), generator=g).tolist() for _ in range(4)]
+    responses = [torch.randint(7, v, (40,), generator=g).tolist() for _ in range(4)]
+    packed = pack(prompts, responses, pad_id=0)
+    wide = lambda t: t.dim() >= 1 and t.shape[-1] == v  # noqa: E731
+
+    def step(**kw):
+        def run():
+            model.zero_grad(set_to_none=True)
+            logp, ent = response_logp_entropy(model, packed, **kw)
+            (logp.sum() + ent.sum()).backward()
+
+        return run
+
+    rows = 16
+    chunked = live_peak_bytes(step(chunk_rows=rows), wide)
+    plain = live_peak_bytes(step(chunk_rows=10_000), wide)
+    M = 160
+    assert plain >= 3 * M * v * 4  # logits, log-softmax and more, for all 160 rows at once
+    assert 0 < chunked <= 6 * rows * v * 4  # a few [16, V] temporaries of one chunk

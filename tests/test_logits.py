@@ -112,3 +112,118 @@ def test_consume_handles_masked_vocabulary_and_rejects_bad_rows():
     nan_row[5, 2] = float("nan")
     with pytest.raises(ValueError, match="row 5"):
         logit_stats(nan_row, ids, chunk_rows=4, consume=True)
+
+
+def test_default_chunk_rows_values():
+    from entropy_lens.logits import default_chunk_rows
+
+    assert default_chunk_rows(3, 100) == 8 and isinstance(default_chunk_rows(3, 100), int)  # 100 // 12
+    assert default_chunk_rows(1000, 40_000) == 10
+    assert default_chunk_rows(10**6, 4 * 10**6) == 1  # a vocabulary wider than the budget: one row
+    assert default_chunk_rows(10**7, 100) == 1
+    assert default_chunk_rows(1, 100) == 25 and default_chunk_rows(0, 100) == 25  # V < 1 read as 1
+
+
+def test_temperature_one_half_divides_the_logits():
+    """τ = 0.5 (1/τ = 2) is applied like any other temperature."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(9, 40, generator=g) * 2
+    ids = torch.randint(0, 40, (9,), generator=g)
+    _close(logit_stats(logits, ids, 0.5, chunk_rows=4), logit_stats_reference(logits, ids, 0.5))
+    assert not torch.allclose(logit_stats(logits, ids, 0.5).entropy, logit_stats(logits, ids, 1.0).entropy)
+
+
+def test_token_ids_of_any_integer_dtype_and_shape():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(6, 30, generator=g)
+    ids = torch.randint(0, 30, (6,), generator=g)
+    ref = logit_stats_reference(logits, ids)
+    _close(logit_stats(logits, ids.to(torch.int32)), ref)
+    _close(logit_stats(logits, ids.to(torch.int16).reshape(2, 3)), ref)
+
+
+def test_error_messages_are_exact():
+    with pytest.raises(ValueError, match=r"^logits must be floating point, got torch\.int64$"):
+        logit_stats(torch.zeros(2, 5, dtype=torch.long), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"^token_ids has 3 entries for 2 logit rows$"):
+        logit_stats(torch.randn(2, 5), torch.tensor([0, 1, 2]))
+
+
+def test_results_are_float32_whatever_the_default_dtype():
+    """Statistics and scratch are fp32 by construction, not by the global default dtype."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(11, 257, generator=g) * 3
+    ids = torch.randint(0, 257, (11,), generator=g)
+    a = logit_stats(logits, ids, 0.7, chunk_rows=4)
+    b_in = logits.clone()
+    b_c = logit_stats(b_in, ids, 0.7, chunk_rows=4, consume=True)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        b = logit_stats(logits, ids, 0.7, chunk_rows=4)
+        c = logit_stats(logits.clone(), ids, 0.7, chunk_rows=4, consume=True)
+    finally:
+        torch.set_default_dtype(old)
+    for k in ("logp", "entropy", "sum_p2", "sum_p2_logp"):
+        assert getattr(b, k).dtype == torch.float32 and getattr(c, k).dtype == torch.float32, k
+        assert torch.equal(getattr(a, k), getattr(b, k)), k  # bit for bit: the same fp32 arithmetic
+        assert torch.equal(getattr(b_c, k), getattr(c, k)), k
+
+
+def test_cpu_blocks_follow_the_scratch_budget_and_chunk_rows(monkeypatch):
+    """On the CPU a block holds SCRATCH_BYTES of fp32 rows (DEVICE_SCRATCH_BYTES is for other
+    devices); ``chunk_rows`` overrides it, down to one row."""
+    import entropy_lens.logits as lg
+
+    V, N = 64, 10
+    sizes = []
+    real = lg._block_stats
+
+    def spy(x, *args):
+        sizes.append(x.shape[0])
+        return real(x, *args)
+
+    monkeypatch.setattr(lg, "_block_stats", spy)
+    monkeypatch.setattr(lg, "SCRATCH_BYTES", 4 * V * 3)
+    monkeypatch.setattr(lg, "DEVICE_SCRATCH_BYTES", 4 * V * 50)
+    g = torch.Generator().manual_seed(4)
+    logits, ids = torch.randn(N, V, generator=g), torch.randint(0, V, (N,), generator=g)
+    ref = logit_stats_reference(logits, ids)
+    _close(lg.logit_stats(logits, ids), ref)
+    assert sizes == [3, 3, 3, 1]
+    sizes.clear()
+    _close(lg.logit_stats(logits, ids, chunk_rows=1), ref)
+    assert sizes == [1] * N
+    sizes.clear()
+    _close(lg.logit_stats(logits, ids, chunk_rows=4), ref)
+    assert sizes == [4, 4, 2]
+
+
+def test_scratch_memory_is_one_block_per_buffer_and_never_resized():
+    """Exact live bytes of vocabulary-width tensors: two fp32 blocks, one with ``consume=True``;
+    a last, shorter block reuses the buffers (no resize warning)."""
+    import warnings
+
+    from entropy_lens.testing.memtrack import LiveTensorBytes
+
+    V, N, rows = 256, 10, 4
+    g = torch.Generator().manual_seed(5)
+    logits, ids = torch.randn(N, V, generator=g), torch.randint(0, V, (N,), generator=g)
+    ref = logit_stats_reference(logits, ids)
+    for consume, buffers in ((False, 2), (True, 1)):
+        x = logits.clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with LiveTensorBytes(select=lambda t: t.shape[-1:] == (V,)) as mem:
+                out = logit_stats(x, ids, chunk_rows=rows, consume=consume)
+        _close(out, ref)
+        assert mem.peak == buffers * rows * V * 4, (consume, mem.peak)
+
+
+def test_reference_gives_zero_probability_tokens_no_weight():
+    logits = torch.tensor([[0.0, 1.0, float("-inf")], [2.0, float("-inf"), float("-inf")]])
+    ref = logit_stats_reference(logits, torch.tensor([1, 0]))
+    p = torch.softmax(torch.tensor([0.0, 1.0], dtype=torch.float64), -1)
+    assert torch.isfinite(ref.entropy).all() and torch.isfinite(ref.sum_p2_logp).all()
+    assert ref.entropy.tolist() == pytest.approx([float(-(p * p.log()).sum()), 0.0], abs=1e-12)
+    assert ref.sum_p2_logp.tolist() == pytest.approx([float((p * p * p.log()).sum()), 0.0], abs=1e-12)

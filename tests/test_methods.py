@@ -40,6 +40,12 @@ EXPECTED = {
     "clip_cov",
     "kl_cov",
     "steer",
+    "psr_only",
+    "nsr_only",
+    "kl_ref",
+    "adaptive_entropy",
+    "gspo",
+    "gppo",
 }
 
 
@@ -59,9 +65,11 @@ def make_batch(seed=0, B=8, T=6, V=7, off_policy=0.3, lengths=None, adv_scale=1.
     group = torch.arange(B) // 4
     adv = broadcast_to_tokens(grpo_adv(reward, group), mask) * adv_scale
     old = logp + off_policy * torch.randn(B, T, generator=g)
+    ref = logp + 0.5 * torch.randn(B, T, generator=g)
     if logp_grad:
         logp = logp.clone().requires_grad_(True)
     return TokenBatch(
+        ref_logp=ref,
         token_ids=tok,
         mask=mask,
         logp=logp,
@@ -150,15 +158,18 @@ def test_deterministic_under_seed(name):
 NEUTRAL = [
     ("grpo", {}),
     ("clip_higher", {"eps_high": 0.2}),
-    ("steer", {"lambda_min": 1.0}),
-    ("steer", {"lambda_min": 1.0, "omega": "paper", "use_iclip": True, "scope": "batch"}),
-    ("steer", {"mapping": "linear", "lambda_min": 1.0, "lambda_max": 1.0}),
+    ("steer", {"lambda_min": 1.0, "eps_high": 0.2}),
+    ("steer", {"lambda_min": 1.0, "eps_high": 0.2, "omega": "paper", "use_iclip": True, "scope": "batch"}),
+    ("steer", {"mapping": "linear", "lambda_min": 1.0, "lambda_max": 1.0, "eps_high": 0.2}),
+    ("steer", {"mapping": "binary", "lambda_min": 1.0, "eps_high": 0.2, "entropy": "current"}),
     ("fork_tokens", {"rho": 1.0}),
-    ("w_reinforce", {"lam": 1.0}),
+    ("w_reinforce", {"lam": 1.0, "advantage": "grpo"}),
     ("clip_cov", {"clip_ratio": 1e-9, "min_select": 0}),
     ("entropy_bonus", {"beta": 0.0}),
     ("entropy_adv", {"alpha": 0.0}),
-    ("kl_cov", {"beta": 0.0, "eps_low": 0.2, "eps_high": 0.2, "dual_clip": 3.0}),
+    ("kl_cov", {"beta": 0.0, "eps_low": 0.2, "eps_high": 0.2, "dual_clip": 10.0, "log_ratio_clamp": 20.0}),
+    ("kl_ref", {"beta": 0.0}),
+    ("adaptive_entropy", {"gain": 0.0}),
 ]
 
 
@@ -182,7 +193,7 @@ def test_grpo_loss_is_plain_token_mean_of_clipped_surrogate():
     r = torch.exp(batch.logp - batch.old_logp)
     A = batch.adv
     per = torch.maximum(-A * r, -A * r.clamp(0.8, 1.2))
-    per = torch.where(A < 0, torch.minimum(per, -3.0 * A), per)
+    per = torch.where(A < 0, torch.minimum(per, -10.0 * A), per)
     expected = per[batch.mask].mean()
     torch.testing.assert_close(loss_and_grads(batch, terms)[0], expected)
 
@@ -213,6 +224,16 @@ def test_unknown_param_lists_valid_keys():
         ("steer", "omega", "both"),
         ("steer", "scope", "node"),
         ("steer", "lambda_max", 1.2),  # exp mapping clamps to [λ_min, 1]
+        ("steer", "entropy", "new"),
+        ("steer", "threshold", 0.0),
+        ("grpo", "log_ratio_clamp", 0.0),
+        ("w_reinforce", "advantage", "rloo"),
+        ("kl_ref", "estimator", "k2"),
+        ("kl_ref", "beta", -1.0),
+        ("gspo", "eps_low", -1.0),
+        ("gppo", "beta_low", -0.5),
+        ("adaptive_entropy", "beta0", 0.5),  # above beta_max = 0.01
+        ("adaptive_entropy", "gain", -1.0),
         ("grpo", "eps_low", -0.1),
         ("grpo", "eps_high", -1e-3),
         ("grpo", "dual_clip", 0.9),
@@ -310,7 +331,7 @@ def ref_steer_weights(om_abs, mask, seq_scope, mapping, lmin, lmax):
     return torch.tensor(out)
 
 
-def ref_omega(batch, form, use_iclip, eps_low=0.2, eps_high=0.2, dual=3.0):
+def ref_omega(batch, form, use_iclip, eps_low=0.2, eps_high=0.28, dual=10.0):
     B, T = batch.mask.shape
     out = [[0.0] * T for _ in range(B)]
     for b in range(B):
@@ -449,7 +470,7 @@ def test_clip_cov_only_selects_eligible_unclipped_tokens():
     sel = terms.weight == 0
     r = batch.ratio
     A = batch.adv
-    clipped = ((A > 0) & (r > 1.2)) | ((A < 0) & (r < 0.8)) | ((A < 0) & (r > 3.0))
+    clipped = ((A > 0) & (r > 1.2)) | ((A < 0) & (r < 0.8)) | ((A < 0) & (r > 10.0))
     eligible = batch.mask & (c > 0.5) & (c < 3.0) & ~clipped
     assert eligible.any()
     assert torch.equal(sel, eligible)  # ratio 1 → every eligible token is detached
@@ -516,9 +537,9 @@ def test_fork_tokens_keeps_top_entropy_ceil_fraction():
     assert set(terms.weight[batch.mask].tolist()) <= {0.0, 1.0}
 
 
-def test_w_reinforce_weights_positive_advantage_only():
+def test_w_reinforce_grpo_mode_weights_positive_advantage_only():
     batch = make_batch(seed=19)
-    terms = apply_method("w_reinforce", batch, {"lam": 0.1}, ctx())
+    terms = apply_method("w_reinforce", batch, {"lam": 0.1, "advantage": "grpo"}, ctx())
     pos = batch.mask & (batch.adv > 0)
     assert torch.allclose(terms.weight[pos], torch.tensor(0.1))
     assert torch.all(terms.weight[batch.mask & ~pos] == 1)

@@ -31,7 +31,9 @@ from entropy_lens.pipelines.validate import ValidateSettings, run_validate
 from entropy_lens.tokens import TokenBatch
 
 TAU = 0.7  # every statistic at a temperature != 1, so a forgotten τ shows
-EPS_LOW, EPS_HIGH, DUAL_CLIP = 0.2, 0.2, 3.0  # GRPO defaults (docs/science.md §4.1)
+EPS_LOW, EPS_HIGH, DUAL_CLIP = 0.2, 0.2, 3.0  # the clip of this case (the methods' defaults are 0.2/0.2, c = 10)
+#: the methods run with this case's clip (steer's default ε_high is 0.28, every method's c is 10)
+OLD_CLIP = {"grpo": {"dual_clip": DUAL_CLIP}, "steer": {"eps_high": EPS_HIGH, "dual_clip": DUAL_CLIP}}
 GRPO_EPS = 1e-6
 LR_ANALYZE = 1e-3  # analyze: η only scales the predictions
 LR_STEP = 0.02  # validate / compare --measure: one real SGD step, small enough for first order
@@ -423,8 +425,9 @@ def compare_problems(long_df: pd.DataFrame, summary: dict, frame: pd.DataFrame, 
     problems = [f"{method}: {m}" for k, v in want.items() for m in mismatch(k, got[k], v, rtol)]
     if not np.array_equal(got["clip_active"].to_numpy(bool), I):
         problems.append(f"{method}: clip_active differs")
-    if not np.array_equal(got["touched"].to_numpy(bool), w.astype(np.float32) != 1.0):
-        problems.append(f"{method}: touched differs from weight != 1")
+    dual_moved = (A < 0) & (ratio > DUAL_CLIP) & (ratio <= 10.0)  # touched: I_clip differs from c = 10's
+    if not np.array_equal(got["touched"].to_numpy(bool), (w.astype(np.float32) != 1.0) | dual_moved):
+        problems.append(f"{method}: touched differs from weight != 1 or the dual clip moved to c = 3")
     for e in ("omega_paper", "dh_all_logit", "dh_cov"):
         total = summary["methods"][method]["predicted_dh"][e]
         problems += [f"{method}: summary {m}" for m in mismatch(e, total, want[e].sum(), 1e-6, np.abs(want[e]).sum())]
@@ -433,7 +436,7 @@ def compare_problems(long_df: pd.DataFrame, summary: dict, frame: pd.DataFrame, 
 
 def test_compare_methods_values_for_grpo_and_steer(validated):
     frame = validated[0]
-    long_df, summary = compare_methods(frame, ["grpo", "steer"], lr=LR_STEP)
+    long_df, summary = compare_methods(frame, ["grpo", "steer"], OLD_CLIP, lr=LR_STEP)
     assert compare_problems(long_df, summary, frame, "grpo", LR_STEP) == []
     assert compare_problems(long_df, summary, frame, "steer", LR_STEP) == []
     steer = long_df[long_df["method"] == "steer"]
@@ -448,7 +451,7 @@ def test_compare_measure_equals_independent_steps(case):
     settings = ValidateSettings(lr=LR_STEP, temperature=TAU, eps_low=EPS_LOW, eps_high=EPS_HIGH,
                                 dual_clip=DUAL_CLIP, micro_batch=5, optimizer="sgd", jvp=False)
     long_df, totals = measure_methods(case.model, case.tokenizer, case.rollouts, ["grpo", "steer"],
-                                      {"steer": {"lambda_min": 0.3}}, settings)
+                                      {"grpo": OLD_CLIP["grpo"], "steer": {**OLD_CLIP["steer"], "lambda_min": 0.3}}, settings)
     old = np.concatenate(case.old_logp)
     adv = np.concatenate([np.full(len(r), a) for (_, r), a in zip(case.seqs, case.adv_seq)])
     lam = steer_exp_weights(case.ref["logp"], old, case.ref["entropy"], adv, 0.3)

@@ -244,3 +244,20 @@ def test_score_batch_both_graders_both_conventions():
     assert score_batch(responses, gts, name="dapo") == [-1.0, 1.0, -1.0]
     assert score_batch(responses, gts, name="dapo", convention="01") == [0.0, 1.0, 0.0]
     assert score_batch([], [], name="dapo") == []
+
+
+# ---------------------------------------------------------------------------------------------
+# DAPO overlong reward shaping
+# ---------------------------------------------------------------------------------------------
+
+
+def test_overlong_penalty_follows_dapo_eq_13():
+    from entropy_lens.rewards import overlong_penalty
+
+    # L_max = 10, L_cache = 4: no penalty up to 6 tokens, linear to -1 at 10, -1 beyond
+    got = overlong_penalty([0, 6, 7, 8, 10, 11], 10, 4, factor=0.5)
+    assert got == [0.0, 0.0, -0.125, -0.25, -0.5, -0.5]
+    with pytest.raises(ValueError, match="overlong buffer must be in"):
+        overlong_penalty([1], 10, 0)
+    with pytest.raises(ValueError, match="overlong buffer must be in"):
+        overlong_penalty([1], 10, 11)

@@ -441,13 +441,30 @@ def test_gsm8k_task_files(tmp_path):
     assert len(task.eval_problems) == 2 and len(task.train_problems) == 4
     assert task.reward("so the sum is 8.\nAnswer: 8", task.train_problems[2].answer) == 1.0
     assert task.reward("Answer: 7", "8") == -1.0
+    # verl schema, DAPO-Math-17k style: no raw_problem, the problem between the instruction lines,
+    # and a problem repeated with a different answer (left out, as in the public file)
+    head = "Solve the following math problem step by step. The last line of your response should be of the form \\boxed{Answer} where Answer is the answer to the problem."
+    tail = "Remember to put your answer in \\boxed{...} format on its own line."
+    texts = ["What is 1 + 2?", "What is 2 + 2?", "What is 3 + 3?", "What is 2 + 2?"]
+    answers = ["3", "4", "6", "5"]
     verl = tmp_path / "v.parquet"
-    pd.DataFrame({"extra_info": [{"raw_problem": "q1", "index": 0}, {"raw_problem": "q2", "index": 1}],
-                  "reward_model": [{"ground_truth": "3", "style": "rule"}, {"ground_truth": "4", "style": "rule"}]}).to_parquet(verl)
-    assert [p.answer for p in GSM8KTask(None, path=str(verl), eval_size=1).train_problems] == ["4"]
+    pd.DataFrame({
+        "data_source": ["math_dapo"] * 4,
+        "prompt": [[{"role": "user", "content": f"{head}\n\n{t}\n\n{tail}"}] for t in texts],
+        "ability": ["MATH"] * 4,
+        "reward_model": [{"ground_truth": a, "style": "rule"} for a in answers],
+        "extra_info": [{"index": str(i)} for i in range(4)],
+    }).to_parquet(verl)
+    task = GSM8KTask(None, path=str(verl), eval_size=1, name="math")
+    assert task.name == "math"
+    assert [(p.text, p.answer) for p in task.eval_problems + task.train_problems] == [
+        ("What is 1 + 2?", "3"), ("What is 3 + 3?", "6")]
     bad = tmp_path / "bad.parquet"
     pd.DataFrame({"question": ["q"]}).to_parquet(bad)
-    with pytest.raises(ValueError, match="expected columns problem, answer"):
+    with pytest.raises(ValueError, match="not a prompt dataset"):
         GSM8KTask(None, path=str(bad))
-    with pytest.raises(ValueError, match="no such GSM8K problem file"):
+    with pytest.raises(ValueError, match="no such problem file"):
         GSM8KTask(None, path=str(tmp_path / "missing.parquet"))
+    with pytest.raises(ValueError, match="task.name=math needs task.path"):
+        build_config("gsm8k-smollm2", "grpo", ["task.name=math"])
+    assert build_config("gsm8k-smollm2", "grpo", ["task.name=math", f"task.path={verl}"]).task.name == "math"

@@ -14,6 +14,8 @@ from typing import Any
 
 
 def wants_old_entropy(method: str, params: Any) -> bool:
-    """Whether ``method`` with ``params`` reads H_old (entropy of the behaviour policy, nats) in its
-    ``TokenBatch.entropy`` rather than the current H: STEER's code-form ω (docs/science.md §2.2) does."""
-    return method == "steer" and getattr(params, "omega", None) == "code"
+    """Whether ``method`` with ``params`` reads H_old (entropy of the behaviour policy, nats) rather
+    than the current H: STEER with ``entropy="old"`` (its default, the reference code's choice,
+    docs/science.md §3.4) does, whichever ω form. The adapters then put H_old in the batch's
+    ``entropy`` (and ``old_entropy``) when they have it."""
+    return method == "steer" and getattr(params, "entropy", "old") == "old"

@@ -20,9 +20,13 @@ the generation batch's active tokens. The surrogate itself is the method's (``ci
 
 Parameters, lowest precedence first: the method's defaults; TRL's ``epsilon`` → ``eps_low`` and
 ``epsilon_high`` → ``eps_high`` for methods that keep GRPO's default bound; ``method_params``.
-Note the methods' dual-clip c = 3 (TRL's own loss has none: pass ``{"dual_clip": None}``).
+Note the methods' dual-clip c = 10 and log-ratio clamp ±20 (TRL's own loss has neither: pass
+``{"dual_clip": None, "log_ratio_clamp": None}``). Methods that need per-response rewards
+(``w_reinforce`` with raw rewards, ``psr_only``, ``nsr_only``) or reference log-probs (``kl_ref``;
+TRL's own ``beta`` adds its k3 KL) are refused: TRL's loss sees advantages only.
 
-Entropy. ``H_sel`` is H_old for STEER's code-form ω and the current H (detached) otherwise.
+Entropy. ``H_sel`` is H_old for STEER with ``entropy="old"`` (its default) and the current H
+(detached) otherwise.
 On-policy (TRL's default: one update per generation), H_old equals the current H exactly; when
 TRL keeps old log-probs (several updates per generation), the trainer computes H_old in the same
 no-grad pass setting and stores it as ``old_entropies`` next to ``old_per_token_logps``.
@@ -88,7 +92,8 @@ def _version_tuple(v: str) -> tuple[int, ...]:
 
 def trl_config_params(method: str, epsilon: float | None, epsilon_high: float | None) -> dict[str, Any]:
     """``eps_low`` ← TRL ``epsilon``, ``eps_high`` ← ``epsilon_high`` (else ``epsilon``), for the
-    bounds where ``method`` keeps GRPO's default (``clip_higher`` keeps 0.28, ``kl_cov`` no clip)."""
+    bounds where ``method`` keeps GRPO's default (``clip_higher`` and ``steer`` keep ε_high 0.28,
+    ``gspo`` its 3e-4/4e-4, ``kl_cov`` no clip)."""
     defaults = {f.name: f.default for f in fields(get_method(method).params)}
     hi = epsilon if epsilon_high is None else epsilon_high
     out = {}
@@ -134,6 +139,12 @@ class EntropyLensGRPOTrainer(GRPOTrainer):
         if getattr(probe, "scope", "micro") != "micro":
             raise ValueError(
                 f"{method}: scope must be 'micro' with TRL (the loss sees one micro-batch), got {probe.scope!r}"
+            )
+        required = spec.required_inputs(probe)
+        if required:
+            raise ValueError(
+                f"{method}: needs {', '.join(required)}, which TRL's loss does not receive "
+                "(for a KL to the reference use TRL's beta)"
             )
         self.el_method = method
         self.el_method_params = dict(method_params or {})

@@ -13,10 +13,11 @@ import math
 import re
 import typing
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
+from entropy_lens.objective import CLIP_MODES, RATIO_LEVELS
 from entropy_lens.tokens import TokenBatch
 
 #: The four factors of docs/science.md §2.9 a method can act on (for the factor matrix).
@@ -25,10 +26,26 @@ FACTORS = ("clip", "advantage", "probability", "entropy")
 #: Normalisation scopes (docs/science.md §3.3): the micro-batch, the mini-batch, the whole batch.
 SCOPES = ("micro", "mini", "batch")
 
-#: The GRPO clip defaults (docs/science.md §4.1): ε_low = ε_high = 0.2, dual-clip c = 3.
+#: The GRPO clip defaults (docs/science.md §4.1): ε_low = ε_high = 0.2 (DeepSeekMath GRPO, arXiv
+#: 2402.03300), dual-clip c = 10 (the STEER reference run scripts' clip_ratio_c, arXiv 2510.10150).
 GRPO_EPS_LOW = 0.2
 GRPO_EPS_HIGH = 0.2
-GRPO_DUAL_CLIP = 3.0
+GRPO_DUAL_CLIP = 10.0
+#: |log r| clamp before exp (verl 0.4.1, the STEER reference code's base), nats.
+LOG_RATIO_CLAMP = 20.0
+
+#: Inputs beyond the always-present TokenBatch fields a method may require (``MethodSpec.needs``):
+#: real per-response rewards (``reward``; framework adapters have none) and the reference
+#: policy's log-probs (``ref_logp``).
+INPUTS = ("reward", "ref_logp")
+
+#: Sources of the shared clip parameters' defaults (``MethodParams.SOURCES``).
+CLIP_SOURCES = {
+    "eps_low": "DeepSeekMath GRPO, arXiv 2402.03300 (PPO ε = 0.2)",
+    "eps_high": "DeepSeekMath GRPO, arXiv 2402.03300 (PPO ε = 0.2)",
+    "dual_clip": "STEER reference run scripts, clip_ratio_c = 10 (arXiv 2510.10150)",
+    "log_ratio_clamp": "verl 0.4.1 (STEER reference code), log-ratio clamped to ±20",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,7 +114,14 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
 @dataclass(frozen=True)
 class MethodParams:
     """Base of every method's parameters: a frozen dataclass, type-checked and validated on
-    construction (``validate`` raises ``ValueError`` naming the parameter and its valid range)."""
+    construction (``validate`` raises ``ValueError`` naming the parameter and its valid range).
+
+    ``SOURCES`` (class attribute): parameter → where its default comes from (a paper with its arXiv
+    id, a reference script, or "package choice" with the reason). A subclass lists the parameters
+    it adds or whose default it changes; :func:`param_sources` resolves the rest up the classes.
+    """
+
+    SOURCES: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -115,21 +139,37 @@ class MethodParams:
 
 @dataclass(frozen=True)
 class ClipParams(MethodParams):
-    """PPO-clip bounds shared by every method (docs/science.md §4.1: GRPO ε 0.2/0.2, dual-clip 3).
+    """PPO-clip bounds shared by every method (docs/science.md §4.1: ε 0.2/0.2, dual-clip 10,
+    log-ratio clamp 20).
 
     ``eps_low``/``eps_high`` ≥ 0 (``inf`` switches that side of the clip off); ``dual_clip`` is
-    ``None`` (off) or > 1.
+    ``None`` (off) or > 1; ``log_ratio_clamp`` is ``None`` (no clamp) or > 0 (nats).
     """
+
+    SOURCES: ClassVar[dict[str, str]] = CLIP_SOURCES
 
     eps_low: float = GRPO_EPS_LOW
     eps_high: float = GRPO_EPS_HIGH
     dual_clip: float | None = GRPO_DUAL_CLIP
+    log_ratio_clamp: float | None = LOG_RATIO_CLAMP
 
     def validate(self) -> None:
         check_range("eps_low", self.eps_low, 0.0, math.inf)
         check_range("eps_high", self.eps_high, 0.0, math.inf)
         if self.dual_clip is not None:
             check_range("dual_clip", self.dual_clip, 1.0, math.inf, lo_open=True)
+        if self.log_ratio_clamp is not None:
+            check_range("log_ratio_clamp", self.log_ratio_clamp, 0.0, math.inf, lo_open=True)
+
+
+def param_sources(params: type) -> dict[str, str]:
+    """Source of every parameter's default of the params class ``params``, in field order: the
+    ``SOURCES`` entry of the most derived class that lists it ("" where none does)."""
+    out = {}
+    for f in fields(params):
+        out[f.name] = next((c.__dict__["SOURCES"][f.name] for c in params.__mro__
+                            if f.name in c.__dict__.get("SOURCES", {})), "")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +229,21 @@ def make_context(
 
 
 #: Kinds of additive penalty the objective knows how to evaluate.
-PENALTY_KINDS = ("entropy_bonus", "abs_logratio")
+PENALTY_KINDS = ("entropy_bonus", "abs_logratio", "kl_ref")
+#: Per-token estimators of KL(π‖π_ref) for the ``kl_ref`` penalty (Schulman, "Approximating KL
+#: Divergence", 2020, http://joschu.net/blog/kl-approx.html).
+KL_ESTIMATORS = ("k1", "k3")
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(π‖π_ref) from the sampled token, ``[B, T]`` nats.
+
+    With x = log p_ref − log p: ``k1`` = −x = log p − log p_ref (unbiased, can be negative);
+    ``k3`` = eˣ − x − 1 ≥ 0 (unbiased, low variance; verl's ``low_var_kl``, GRPO's KL term).
+    """
+    check_choice("estimator", estimator, KL_ESTIMATORS)
+    x = ref_logp - logp
+    return -x if estimator == "k1" else torch.exp(x) - x - 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -197,17 +251,24 @@ class Penalty:
     """An additive per-token loss term, evaluated by the objective on the *current* tensors.
 
     - ``entropy_bonus``: −coef · H (loss −= β·H; gradient through the full softmax via ``entropy``);
-    - ``abs_logratio``: coef · |log p − log p_old| (KL-Cov, Cui et al. arXiv 2505.22617).
+    - ``abs_logratio``: coef · |log p − log p_old| (KL-Cov, Cui et al. arXiv 2505.22617);
+    - ``kl_ref``: coef · :func:`kl_estimate` (log p, ``ref_logp``, ``estimator``) (β·KL(π‖π_ref)).
     ``select`` ``[B, T]`` bool restricts it to some tokens (``None``: every valid token). The term is
     added after the per-token weight (it is not weighted) and aggregated with the same mode.
+    ``ref_logp`` ``[B, T]``: log π_ref of the sampled tokens (``kl_ref`` only, no gradient).
     """
 
     kind: str
     coef: float
     select: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+    estimator: str = "k3"
 
     def __post_init__(self) -> None:
         check_choice("penalty kind", self.kind, PENALTY_KINDS)
+        check_choice("estimator", self.estimator, KL_ESTIMATORS)
+        if self.kind == "kl_ref" and self.ref_logp is None:
+            raise ValueError("the kl_ref penalty needs reference log-probs (ref_logp)")
 
     @property
     def needs_entropy(self) -> bool:
@@ -221,6 +282,8 @@ class Penalty:
             if entropy is None:
                 raise ValueError("the entropy_bonus penalty needs the current entropy tensor")
             val = -self.coef * entropy
+        elif self.kind == "kl_ref":
+            val = self.coef * kl_estimate(logp, self.ref_logp.detach().to(logp.dtype), self.estimator)
         else:
             val = self.coef * (logp - old_logp).abs()
         if self.select is not None:
@@ -228,12 +291,17 @@ class Penalty:
         return val
 
     def dlogp(self, logp: torch.Tensor, old_logp: torch.Tensor) -> torch.Tensor | None:
-        """∂(penalty)/∂ log p of the sampled token where the penalty depends on log p only
-        (``abs_logratio``: coef·sign(log p − log p_old)); ``None`` for ``entropy_bonus``, whose
-        gradient moves the whole distribution."""
-        if self.kind != "abs_logratio":
+        """∂(penalty)/∂ log p of the sampled token where the penalty depends on log p only:
+        ``abs_logratio`` coef·sign(log p − log p_old); ``kl_ref`` coef (k1) or
+        coef·(1 − exp(log p_ref − log p)) (k3); ``None`` for ``entropy_bonus``, whose gradient
+        moves the whole distribution."""
+        if self.kind == "entropy_bonus":
             return None
-        g = self.coef * torch.sign(logp - old_logp)
+        if self.kind == "kl_ref":
+            ref = self.ref_logp.to(logp.dtype)
+            g = torch.full_like(logp, self.coef) if self.estimator == "k1" else self.coef * (1.0 - torch.exp(ref - logp))
+        else:
+            g = self.coef * torch.sign(logp - old_logp)
         if self.select is not None:
             g = g * self.select.to(g.dtype)
         return g
@@ -244,6 +312,7 @@ class Penalty:
             "kind": self.kind,
             "coef": float(self.coef),
             "n_selected": None if self.select is None else int(self.select.sum()),
+            **({"estimator": self.estimator} if self.kind == "kl_ref" else {}),
         }
 
 
@@ -256,6 +325,8 @@ class MethodTerms:
     ``dual_clip``: ``None`` or c > 1. ``adv``: ``[B, T]`` advantage override or ``None``.
     ``penalty``: additive :class:`Penalty` or ``None``. ``touched`` ``[B, T]`` bool: valid tokens
     whose loss term differs from plain GRPO's. ``stats``: 0-d tensors for logging.
+    ``log_ratio_clamp``, ``ratio_level``, ``clip_mode``, ``beta_low``, ``beta_high``: passed to
+    :func:`entropy_lens.objective.clipped_surrogate` (``None`` = no clamp; token ratio; PPO clip).
     """
 
     weight: torch.Tensor
@@ -266,6 +337,11 @@ class MethodTerms:
     adv: torch.Tensor | None = None
     penalty: Penalty | None = None
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    log_ratio_clamp: float | None = None
+    ratio_level: str = "token"
+    clip_mode: str = "standard"
+    beta_low: float = 1.0
+    beta_high: float = 1.0
 
     def __post_init__(self) -> None:
         shape = tuple(self.weight.shape)
@@ -279,6 +355,8 @@ class MethodTerms:
             v = getattr(self, name)
             if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) != shape:
                 raise ValueError(f"MethodTerms.{name} has shape {tuple(v.shape)}, weight has {shape}")
+        check_choice("ratio_level", self.ratio_level, RATIO_LEVELS)
+        check_choice("clip_mode", self.clip_mode, CLIP_MODES)
 
     def rows(self, rows: slice, width: int | None = None) -> "MethodTerms":
         """The terms of sequences ``rows`` (and the first ``width`` positions), for micro-batches."""
@@ -289,8 +367,8 @@ class MethodTerms:
             return t
 
         pen = self.penalty
-        if pen is not None and pen.select is not None:
-            pen = replace(pen, select=cut(pen.select))
+        if pen is not None:
+            pen = replace(pen, select=cut(pen.select), ref_logp=cut(pen.ref_logp))
         return replace(
             self, weight=cut(self.weight), touched=cut(self.touched), eps_low=cut(self.eps_low),
             eps_high=cut(self.eps_high), adv=cut(self.adv), penalty=pen,
@@ -306,16 +384,30 @@ MethodFn = Callable[[TokenBatch, Any, MethodContext], MethodTerms]
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its function, one-line summary, parameter class and factors."""
+    """A registered method: its function, one-line summary, parameter class, factors and the
+    inputs (:data:`INPUTS`) it may require beyond the always-present TokenBatch fields."""
 
     name: str
     fn: MethodFn
     summary: str
     factors: tuple[str, ...]
     params: type
+    needs: tuple[str, ...] = ()
 
     def default_params(self) -> Any:
         return self.params()
+
+    def required_inputs(self, params: Any = None) -> tuple[str, ...]:
+        """The inputs of :data:`INPUTS` this method reads with ``params`` (defaults if ``None``):
+        ``needs``, narrowed by the params' own ``required_inputs()`` where it defines one."""
+        params = self.params() if params is None else params
+        narrow = getattr(params, "required_inputs", None)
+        return tuple(narrow()) if callable(narrow) else self.needs
+
+    def missing_inputs(self, batch: TokenBatch, params: Any = None) -> tuple[str, ...]:
+        """The required inputs ``batch`` lacks (``ref_logp`` None); ``reward`` always counts as
+        present in a TokenBatch (adapters that have no rewards check ``required_inputs``)."""
+        return tuple(n for n in self.required_inputs(params) if n == "ref_logp" and batch.ref_logp is None)
 
     def __call__(self, batch: TokenBatch, params: Any, ctx: MethodContext) -> MethodTerms:
         if not isinstance(params, self.params):
@@ -333,11 +425,14 @@ def register_method(
     summary: str,
     factors: tuple[str, ...] = (),
     params: type,
+    needs: tuple[str, ...] = (),
 ) -> Callable[[MethodFn], MethodFn]:
     """Decorator registering ``fn(batch, params, ctx) -> MethodTerms`` under ``name``.
 
     ``name`` is snake_case and unique (a duplicate is an error); ``factors`` ⊆ :data:`FACTORS`;
-    ``params`` is a frozen dataclass whose defaults construct (all fields have defaults).
+    ``params`` is a frozen dataclass whose defaults construct (all fields have defaults);
+    ``needs`` ⊆ :data:`INPUTS`: inputs the method requires (the trainer, compare and the adapters
+    check them before calling it).
     """
     if not _NAME_RE.match(name):
         raise ValueError(f"method name must be snake_case, got {name!r}")
@@ -350,9 +445,14 @@ def register_method(
         raise ValueError(f"params of method {name!r} must be a frozen dataclass")
     if not summary or "\n" in summary:
         raise ValueError("summary must be one non-empty line")
+    bad = [n for n in needs if n not in INPUTS]
+    if bad:
+        raise ValueError(f"unknown input(s) {', '.join(map(repr, bad))} in needs; valid: {', '.join(INPUTS)}")
 
     def deco(fn: MethodFn) -> MethodFn:
-        _REGISTRY[name] = MethodSpec(name=name, fn=fn, summary=summary, factors=tuple(factors), params=params)
+        _REGISTRY[name] = MethodSpec(
+            name=name, fn=fn, summary=summary, factors=tuple(factors), params=params, needs=tuple(needs)
+        )
         return fn
 
     return deco
@@ -417,4 +517,9 @@ def params_table(name: str) -> list[tuple[str, Any]]:
     spec = get_method(name)
     defaults = spec.params()
     return [(f.name, getattr(defaults, f.name)) for f in fields(spec.params)]
+
+
+def params_sources(name: str) -> dict[str, str]:
+    """Where each parameter default of method ``name`` comes from (:func:`param_sources`)."""
+    return param_sources(get_method(name).params)
 

@@ -3,7 +3,9 @@ W-REINFORCE and the entropy-aware advantage."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -46,13 +48,14 @@ def clip_changed(
 def plain_terms(batch: TokenBatch, params: ClipParams, **changes) -> MethodTerms:
     """Terms with weight 1, the params' clip bounds and ``touched`` = clip changes vs GRPO."""
     touched = clip_changed(batch, batch.adv, params.eps_low, params.eps_high, params.dual_clip)
-    base = dict(
-        weight=torch.ones_like(batch.logp, dtype=torch.float32).detach(),
-        touched=touched,
-        eps_low=params.eps_low,
-        eps_high=params.eps_high,
-        dual_clip=params.dual_clip,
-    )
+    base = {
+        "weight": torch.ones_like(batch.logp, dtype=torch.float32).detach(),
+        "touched": touched,
+        "eps_low": params.eps_low,
+        "eps_high": params.eps_high,
+        "dual_clip": params.dual_clip,
+        "log_ratio_clamp": params.log_ratio_clamp,
+    }
     base.update(changes)
     return MethodTerms(**base)
 
@@ -67,7 +70,8 @@ def valid_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class GrpoParams(ClipParams):
-    """PPO-clip surrogate, ε_low = ε_high = 0.2, dual-clip 3 (STEER's runs use 10)."""
+    """PPO-clip surrogate: ε_low = ε_high = 0.2 (DeepSeekMath GRPO, arXiv 2402.03300; the STEER
+    paper's GRPO baseline), dual-clip 10 and log-ratio clamp 20 (STEER reference, verl 0.4.1)."""
 
 
 @register_method(
@@ -86,6 +90,8 @@ def grpo(batch: TokenBatch, params: GrpoParams, ctx: MethodContext) -> MethodTer
 @dataclass(frozen=True)
 class ClipHigherParams(ClipParams):
     """Decoupled clip with a larger upper bound ε_high = 0.28 (DAPO, arXiv 2503.14476)."""
+
+    SOURCES: ClassVar[dict[str, str]] = {"eps_high": "DAPO clip-higher, arXiv 2503.14476"}
 
     eps_high: float = 0.28
 
@@ -106,7 +112,14 @@ def clip_higher(batch: TokenBatch, params: ClipHigherParams, ctx: MethodContext)
 
 @dataclass(frozen=True)
 class EntropyBonusParams(ClipParams):
-    """loss −= β · H on every valid token (gradient through the full softmax); β ≥ 0."""
+    """loss −= β · H on every valid token (gradient through the full softmax); β ≥ 0.
+
+    Classic entropy regularisation (A3C, Mnih et al., arXiv 1602.01783); β = 0.001 is a package
+    choice (docs/science.md §4.3), small enough not to dominate a token-mean surrogate."""
+
+    SOURCES: ClassVar[dict[str, str]] = {
+        "beta": "package choice (classic entropy regularisation, arXiv 1602.01783)",
+    }
 
     beta: float = 0.001
 
@@ -144,6 +157,11 @@ class ForkTokensParams(ClipParams):
     ``rho`` ∈ (0, 1]; the scope keeps ⌈ρ·N⌉ of its N valid tokens, ties by position.
     """
 
+    SOURCES: ClassVar[dict[str, str]] = {
+        "rho": "Wang et al., arXiv 2506.01939 (top 20% forking tokens)",
+        "scope": "STEER reference code: micro-batch normalisation (arXiv 2510.10150)",
+    }
+
     rho: float = 0.2
     scope: str = "micro"
 
@@ -176,26 +194,73 @@ def fork_tokens(batch: TokenBatch, params: ForkTokensParams, ctx: MethodContext)
 
 # ------------------------------------------------------------------------------------- w_reinforce
 
+#: Advantage sources of the polarity methods: raw ±1 rewards (the source) or the batch's advantages.
+POLARITY_ADVANTAGES = ("raw", "grpo")
+#: Source of the correctness threshold shared by w_reinforce, psr_only and nsr_only.
+THRESHOLD_SOURCE = "package choice: correct iff reward > 0.5, right for both ±1 and 0/1 rewards"
+
+
+def correct_tokens(reward: torch.Tensor, mask: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Valid tokens of correct responses, ``[B, T]`` bool: reward_b > ``threshold`` (``reward`` [B]).
+
+    0.5 separates both reward conventions: ±1 (DAPO) and 0/1 (docs/science.md §5).
+    """
+    return mask & (reward.to(mask.device) > threshold)[:, None]
+
+
+def polarity_advantage(correct: torch.Tensor, mask: torch.Tensor, pos: float, neg: float) -> torch.Tensor:
+    """Raw-reward advantage ``[B, T]``: ``pos`` on correct tokens, −``neg`` on the other valid
+    tokens, 0 on padding (Zhu et al., arXiv 2506.01347: λ·PSR + NSR has pos = λ, neg = 1)."""
+    adv = torch.where(correct, pos, -neg).to(torch.float32)
+    return torch.where(mask, adv, 0.0)
+
 
 @dataclass(frozen=True)
 class WReinforceParams(ClipParams):
-    """Weight ``lam`` on positive-advantage tokens, 1 on the others (W-REINFORCE,
-    Zhu et al., "The Surprising Effectiveness of Negative Reinforcement", arXiv 2506.01347). ``lam`` ≥ 0."""
+    """W-REINFORCE, λ·PSR + NSR (Zhu et al., "The Surprising Effectiveness of Negative
+    Reinforcement in LLM Reasoning", arXiv 2506.01347). ``lam`` ≥ 0.
+
+    ``advantage="raw"`` (the source): A' = +λ on the tokens of correct responses (reward >
+    ``threshold``), −1 on the others, weight 1, so all-correct and all-wrong groups still give
+    signal. ``advantage="grpo"``: the batch's advantages, weight λ on tokens with A > 0 (this
+    package's earlier form)."""
+
+    SOURCES: ClassVar[dict[str, str]] = {
+        "lam": "Zhu et al., arXiv 2506.01347 (λ = 0.1)",
+        "advantage": "Zhu et al., arXiv 2506.01347 (raw ±1 rewards)",
+        "threshold": THRESHOLD_SOURCE,
+    }
 
     lam: float = 0.1
+    advantage: str = "raw"
+    threshold: float = 0.5
 
     def validate(self) -> None:
         super().validate()
         check_range("lam", self.lam, 0.0)
+        check_choice("advantage", self.advantage, POLARITY_ADVANTAGES)
+        check_range("threshold", self.threshold, -math.inf, math.inf, lo_open=True, hi_open=True)
+
+    def required_inputs(self) -> tuple[str, ...]:
+        return ("reward",) if self.advantage == "raw" else ()
 
 
 @register_method(
     "w_reinforce",
-    summary="down-weight positive-advantage samples by lam=0.1 (W-REINFORCE, arXiv 2506.01347)",
+    summary="lam*PSR + NSR on raw rewards: A'=+lam on correct, -1 on wrong responses, lam=0.1 (arXiv 2506.01347)",
     factors=("advantage",),
     params=WReinforceParams,
+    needs=("reward",),
 )
 def w_reinforce(batch: TokenBatch, params: WReinforceParams, ctx: MethodContext) -> MethodTerms:
+    if params.advantage == "raw":
+        correct = correct_tokens(batch.reward, batch.mask, params.threshold)
+        adv = polarity_advantage(correct, batch.mask, params.lam, 1.0).to(batch.adv.dtype)
+        touched = (batch.mask & (adv != batch.adv)) | clip_changed(
+            batch, adv, params.eps_low, params.eps_high, params.dual_clip
+        )
+        stats = {"frac_correct": valid_mean(correct.float(), batch.mask)}
+        return plain_terms(batch, params, adv=adv.detach(), touched=touched, stats=stats)
     pos = batch.mask & (batch.adv > 0)
     weight = torch.where(pos, params.lam, 1.0).to(torch.float32)
     base = plain_terms(batch, params)
@@ -212,6 +277,11 @@ def w_reinforce(batch: TokenBatch, params: WReinforceParams, ctx: MethodContext)
 class EntropyAdvParams(ClipParams):
     """A ← A + min(α·H_detached, |A|/κ) (Cheng et al., "Reasoning with Exploration: An Entropy
     Perspective", arXiv 2506.14758). α ≥ 0, κ > 0."""
+
+    SOURCES: ClassVar[dict[str, str]] = {
+        "alpha": "Cheng et al., arXiv 2506.14758 (α = 0.4)",
+        "kappa": "Cheng et al., arXiv 2506.14758 (κ = 2)",
+    }
 
     alpha: float = 0.4
     kappa: float = 2.0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -57,6 +58,14 @@ def scoped_cov_term(logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, s
 class ClipCovParams(ClipParams):
     """Clip-Cov: detach ``clip_ratio``·N random tokens with ``lb`` < c < ``ub`` that the PPO clip
     has not already removed. ``clip_ratio`` ∈ (0, 1] (a fraction, 2e-4), lb < ub, min_select ≥ 0."""
+
+    SOURCES: ClassVar[dict[str, str]] = {
+        "clip_ratio": "Cui et al., arXiv 2505.22617 §4 (r = 2e-4)",
+        "lb": "Cui et al., arXiv 2505.22617 §4 (ω_low = 1)",
+        "ub": "Cui et al., arXiv 2505.22617 §4 (ω_high = 5)",
+        "min_select": "verl clip_cov: at least one token when one is eligible",
+        "scope": "STEER reference code: micro-batch normalisation (arXiv 2510.10150)",
+    }
 
     clip_ratio: float = 2e-4
     lb: float = 1.0
@@ -115,6 +124,16 @@ class KLCovParams(ClipParams):
     no dual clip). ``k`` ∈ (0, 1] is a fraction (2e-3 for 7B; the original code took a percent,
     verl a fraction); β ≥ 0. Inert on-policy: |log p − log p_old| = 0 and its gradient
     (sign(0) = 0) vanishes before the first update of the batch."""
+
+    SOURCES: ClassVar[dict[str, str]] = {
+        "eps_low": "Cui et al., arXiv 2505.22617 §4 (KL-Cov replaces the PPO clip)",
+        "eps_high": "Cui et al., arXiv 2505.22617 §4 (KL-Cov replaces the PPO clip)",
+        "dual_clip": "Cui et al., arXiv 2505.22617 §4 (KL-Cov replaces the PPO clip)",
+        "k": "Cui et al., arXiv 2505.22617 §4 (k = 2e-3 for 7B, as a fraction like verl)",
+        "beta": "Cui et al., arXiv 2505.22617 §4 (β = 1)",
+        "min_select": "verl kl_cov: at least one token",
+        "scope": "STEER reference code: micro-batch normalisation (arXiv 2510.10150)",
+    }
 
     eps_low: float = math.inf
     eps_high: float = math.inf

@@ -3,11 +3,13 @@
 The trainer and the one-step measurement both call :func:`method_loss`; it is built only from
 :func:`entropy_lens.objective.clipped_surrogate` and :func:`entropy_lens.objective.aggregate`:
 
-    ℓ_t = w_t · clipped_surrogate(log p_t, log p_old,t, A'_t; ε_low, ε_high, c) + penalty_t
+    ℓ_t = w_t · clipped_surrogate(log p_t, log p_old,t, A'_t; ε_low, ε_high, c, κ, level, mode, β) + penalty_t
     loss = aggregate(ℓ, mask, agg_mode)
 
 with w the method's weight (no gradient), A' its advantage override (else the batch advantage),
-and the penalty evaluated on the current ``logp``/``entropy`` (which carry the gradient).
+κ the log-ratio clamp, the ratio level (token / sequence, over ``mask``), the clip mode (standard /
+gradient-preserving with β_low, β_high) from the terms, and the penalty evaluated on the current
+``logp``/``entropy`` (which carry the gradient).
 Padding never contributes, whatever values the tensors hold there.
 """
 
@@ -33,7 +35,11 @@ def method_per_token_loss(
     ``entropy`` is required only when the method has an entropy penalty.
     """
     a = terms.adv if terms.adv is not None else adv
-    per_tok = clipped_surrogate(logp, old_logp, a, terms.eps_low, terms.eps_high, terms.dual_clip)
+    per_tok = clipped_surrogate(
+        logp, old_logp, a, terms.eps_low, terms.eps_high, terms.dual_clip,
+        log_ratio_clamp=terms.log_ratio_clamp, ratio_level=terms.ratio_level, mask=mask,
+        clip_mode=terms.clip_mode, beta_low=terms.beta_low, beta_high=terms.beta_high,
+    )
     per_tok = terms.weight.detach().to(per_tok.dtype) * per_tok
     if terms.penalty is not None:
         per_tok = per_tok + terms.penalty.per_token(logp, old_logp, entropy)

@@ -11,23 +11,33 @@ Score ω (``omega``):
   would sit far below the 0.02 floor and the weights would all be ≈ 1) and without I_clip;
 - ``use_iclip``: multiply ω by I_clip (computed with the method's own clip bounds) for either form.
 
+Entropy (``entropy``): ``old`` (default, the reference code) reads H_old from
+``batch.old_entropy``, falling back to ``batch.entropy`` when it is ``None`` (analyze and compare
+hold the batch at θ_old, where the two are equal); ``current`` reads ``batch.entropy``.
+
 Mapping, with M = max|ω| and m = min|ω| over the valid tokens of the scope:
 - ``exp`` (default): k = ln(1/λ_min) / max(M, 0.02); λ = clamp(exp(−k·|ω|), λ_min, 1). The token
   with |ω| = M gets exactly λ_min unless M < 0.02, in which case none reaches λ_min.
 - ``linear``: λ = λ_max − (|ω| − m)·(λ_max − λ_min)/(M − m), clamped to [λ_min, λ_max];
   (λ_min + λ_max)/2 where M = m.
+- ``binary`` (the paper's mapping ablation): λ = λ_min where |ω| ≥ τ·max(M, 0.02), else 1, with
+  τ = ``threshold`` ∈ (0, 1]. Decision: the paper describes a threshold on |ω|; a threshold
+  relative to the scope's max (with the exp mapping's 0.02 floor) keeps it scale-free like the
+  exp mapping, and τ = 0.5 (package choice) down-weights the tokens whose |ω| is at least half the
+  largest. With τ = 1 only the largest |ω| of the scope is down-weighted.
 
-Decision on λ_max: ``lambda_max=None`` resolves to 1.0 for ``exp`` (the mapping is clamped to
-[λ_min, 1]; any other explicit value is an error) and to 1.2 for ``linear`` (the released script's
-range [0.8, 1.2]). Defaults follow the released script: ``exp``, ``code``, no I_clip, λ_min = 0.8
-(the paper v4 uses 0.7), scope = micro-batch. Clip bounds default to GRPO's (0.2/0.2, dual-clip 3)
-so that λ_min = 1 is exactly GRPO; the paper's runs used ε 0.2/0.28 and dual-clip 10.
+Decision on λ_max: ``lambda_max=None`` resolves to 1.0 for ``exp`` and ``binary`` (any other
+explicit value is an error) and to 1.2 for ``linear`` (the released script's range [0.8, 1.2]).
+Defaults follow the released code and scripts (run_exp.sh, run_linear.sh): ``exp``, ``code``, no
+I_clip, H_old, λ_min = 0.8 (the paper v4 uses 0.7), scope = micro-batch, ε 0.2/0.28, dual-clip
+10, log-ratio clamp 20. λ_min = 1 with ε_high = 0.2 is exactly ``grpo``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -50,32 +60,52 @@ from entropy_lens.tokens import TokenBatch
 OMEGA_FLOOR = 0.02
 #: λ_max of the linear mapping when not given (released script range [0.8, 1.2]).
 LINEAR_LAMBDA_MAX = 1.2
-MAPPINGS = ("exp", "linear")
+MAPPINGS = ("exp", "linear", "binary")
 OMEGA_FORMS = ("code", "paper")
+ENTROPY_SOURCES = ("old", "current")
+_REF = "STEER reference code/scripts (arXiv 2510.10150)"
 
 
 @dataclass(frozen=True)
 class SteerParams(ClipParams):
-    """STEER options (module docstring). λ_min ∈ (0, 1]; λ_max ≥ λ_min (linear only)."""
+    """STEER options (module docstring). λ_min ∈ (0, 1]; λ_max ≥ λ_min (linear only);
+    ``threshold`` ∈ (0, 1] (binary only); ``entropy`` ∈ {old, current}."""
 
+    SOURCES: ClassVar[dict[str, str]] = {
+        "eps_high": "STEER reference run_exp.sh / run_linear.sh, clip_ratio_high = 0.28 (arXiv 2510.10150)",
+        "mapping": f"{_REF}: exp",
+        "omega": f"{_REF}: the code form of ω",
+        "use_iclip": f"{_REF}: no I_clip in ω",
+        "lambda_min": "STEER released run script: 0.8 (paper v4: 0.7)",
+        "lambda_max": "STEER run_linear.sh range [0.8, 1.2] (linear); 1 for exp/binary",
+        "scope": f"{_REF}: micro-batch",
+        "entropy": f"{_REF}: H_old recorded with the old log-probs",
+        "threshold": "package choice: the paper's binary ablation gives no threshold; 0.5·max|ω|",
+    }
+
+    eps_high: float = 0.28
     mapping: str = "exp"
     omega: str = "code"
     use_iclip: bool = False
     lambda_min: float = 0.8
     lambda_max: float | None = None
     scope: str = "micro"
+    entropy: str = "old"
+    threshold: float = 0.5
 
     def validate(self) -> None:
         super().validate()
         check_choice("mapping", self.mapping, MAPPINGS)
         check_choice("omega", self.omega, OMEGA_FORMS)
         check_choice("scope", self.scope, SCOPES)
+        check_choice("entropy", self.entropy, ENTROPY_SOURCES)
         check_range("lambda_min", self.lambda_min, 0.0, 1.0, lo_open=True)
+        check_range("threshold", self.threshold, 0.0, 1.0, lo_open=True)
         if self.lambda_max is not None:
-            if self.mapping == "exp" and self.lambda_max != 1.0:
+            if self.mapping != "linear" and self.lambda_max != 1.0:
                 raise ValueError(
-                    f"lambda_max must be 1 (or unset) with mapping='exp', which clamps to [lambda_min, 1]; "
-                    f"got {self.lambda_max!r}"
+                    f"lambda_max must be 1 (or unset) with mapping={self.mapping!r}, which maps into "
+                    f"[lambda_min, 1]; got {self.lambda_max!r}"
                 )
             check_range("lambda_max", self.lambda_max, self.lambda_min, math.inf, hi_open=True)
         elif self.mapping == "linear" and self.lambda_min > LINEAR_LAMBDA_MAX:
@@ -85,7 +115,7 @@ class SteerParams(ClipParams):
     def resolved_lambda_max(self) -> float:
         if self.lambda_max is not None:
             return self.lambda_max
-        return 1.0 if self.mapping == "exp" else LINEAR_LAMBDA_MAX
+        return LINEAR_LAMBDA_MAX if self.mapping == "linear" else 1.0
 
 
 def steer_omega(
@@ -116,10 +146,12 @@ def steer_weights(
     mapping: str = "exp",
     lambda_min: float = 0.8,
     lambda_max: float = 1.0,
+    threshold: float = 0.5,
 ) -> torch.Tensor:
     """λ per token from |ω| ``[B, T]``, max/min over each scope's valid tokens; 1 on padding.
 
-    ``seq_scope`` ``[B]``: contiguous scope id of each sequence. See the module docstring.
+    ``seq_scope`` ``[B]``: contiguous scope id of each sequence; ``threshold``: τ of the binary
+    mapping. See the module docstring.
     """
     check_choice("mapping", mapping, MAPPINGS)
     a = omega_abs.detach().to(torch.float64)  # mapping in fp64; result in the input dtype
@@ -128,6 +160,9 @@ def steer_weights(
     if mapping == "exp":
         k = math.log(1.0 / lambda_min) / torch.clamp(M, min=OMEGA_FLOOR)
         lam = torch.clamp(torch.exp(-k * a), lambda_min, 1.0)
+    elif mapping == "binary":
+        big = a >= threshold * torch.clamp(M, min=OMEGA_FLOOR)
+        lam = torch.where(big, lambda_min, 1.0).to(a.dtype)
     else:
         m = scope_min(a, mask, seq_scope)[tok_scope]
         span = M - m
@@ -136,6 +171,15 @@ def steer_weights(
         lam = torch.where(equal, 0.5 * (lambda_min + lambda_max), torch.clamp(lin, lambda_min, lambda_max))
     lam = torch.where(mask, lam, torch.ones((), dtype=lam.dtype, device=lam.device))
     return lam.to(omega_abs.dtype)
+
+
+def steer_entropy(batch: TokenBatch, source: str = "old") -> torch.Tensor:
+    """The entropy STEER's ω reads, ``[B, T]`` nats, detached: H_old (``batch.old_entropy``, else
+    ``batch.entropy``) for ``old``; the batch's ``entropy`` for ``current``."""
+    check_choice("entropy", source, ENTROPY_SOURCES)
+    if source == "old" and batch.old_entropy is not None:
+        return batch.old_entropy.detach()
+    return batch.entropy.detach()
 
 
 @register_method(
@@ -151,7 +195,7 @@ def steer(batch: TokenBatch, params: SteerParams, ctx: MethodContext) -> MethodT
     om = steer_omega(
         batch.logp.detach(),
         batch.old_logp,
-        batch.entropy.detach(),
+        steer_entropy(batch, params.entropy),
         batch.adv,
         ratio,
         iclip,
@@ -160,7 +204,7 @@ def steer(batch: TokenBatch, params: SteerParams, ctx: MethodContext) -> MethodT
     )
     seq_scope = ctx.scope_ids(params.scope, mask.shape[0])
     lam = steer_weights(
-        om.abs(), mask, seq_scope, params.mapping, params.lambda_min, params.resolved_lambda_max
+        om.abs(), mask, seq_scope, params.mapping, params.lambda_min, params.resolved_lambda_max, params.threshold
     ).to(torch.float32)
     touched = (mask & (lam != 1.0)) | clip_changed(batch, batch.adv, params.eps_low, params.eps_high, params.dual_clip)
     big = om.abs().masked_fill(~mask, 0.0)

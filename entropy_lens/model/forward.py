@@ -142,18 +142,54 @@ def response_stats(
     return out
 
 
-def response_logp_entropy(model, packed: PackedBatch, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+#: Above this many bytes of fp32 ``[M, V]`` logits the differentiable pass goes chunk by chunk
+#: (:func:`response_logp_entropy`); below it one plain pass is cheaper (no recomputation).
+GRAD_CHUNK_BYTES = 256 * 2**20
+
+
+def _logp_entropy_rows(model, hidden: torch.Tensor, ids: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p of ids, H)`` ``[r]`` each (nats) for hidden rows ``[r, D]``, differentiable:
+    z = head(h)/τ, log q = log_softmax(z), log p = log q[id], H = −Σ_v q_v log q_v (fp32)."""
+    logq = torch.log_softmax(head_logits(model, hidden).float() / temperature, dim=-1)
+    logp = logq.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return logp, -(torch.exp(logq) * logq).sum(-1)
+
+
+def response_logp_entropy(
+    model,
+    packed: PackedBatch,
+    temperature: float = 1.0,
+    chunk_rows: int | None = None,
+    chunk_bytes: int = GRAD_CHUNK_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable ``(logp, entropy)`` ``[B, T]`` of the response tokens (0 on padding).
 
-    Used for loss terms with autograd; memory holds the ``[M, V]`` logits of the whole batch, so
-    call it per micro-batch.
+    The loss path (trainer, ``validate``, ``compare --measure``). When the batch's fp32 logits
+    ``[M, V]`` would exceed ``chunk_bytes`` (or ``chunk_rows`` is given), the LM head, softmax and
+    statistics run on ``chunk_rows`` response rows at a time under activation checkpointing: no
+    logits are kept for backward, each chunk is recomputed there, so the vocabulary-width memory
+    is bounded by one chunk (a few ``[r, V]`` temporaries) instead of the whole micro-batch —
+    at the cost of one more head matmul + softmax per chunk in backward. Values and gradients
+    equal the one-pass path (the same operations; tests/test_forward.py).
     """
     h = response_hidden(model, packed)
-    z = head_logits(model, h).float() / temperature
-    logq = torch.log_softmax(z, dim=-1)
     ids = packed.response_ids[packed.mask]
-    logp = logq.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    ent = -(torch.exp(logq) * logq).sum(-1)
+    M = h.shape[0]
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if chunk_rows is None:
+        chunk_rows = M if M * vocab * 4 <= chunk_bytes else max(1, chunk_bytes // (4 * 4 * vocab))
+    if chunk_rows >= M or not torch.is_grad_enabled():
+        logp, ent = _logp_entropy_rows(model, h, ids, temperature)
+    else:
+        from torch.utils.checkpoint import checkpoint
+
+        parts = [
+            checkpoint(_logp_entropy_rows, model, h[j : j + chunk_rows], ids[j : j + chunk_rows], temperature,
+                       use_reentrant=False)
+            for j in range(0, M, chunk_rows)  # loop over row chunks
+        ]
+        logp = torch.cat([p[0] for p in parts])
+        ent = torch.cat([p[1] for p in parts])
     return scatter_rows(logp, packed.mask), scatter_rows(ent, packed.mask)
 
 
@@ -168,8 +204,8 @@ class _ResponseEntropy(torch.nn.Module):
 
     def forward(self) -> torch.Tensor:
         h = response_hidden(self.model, self.packed)
-        logq = torch.log_softmax(head_logits(self.model, h).float() / self.temperature, dim=-1)
-        return -(torch.exp(logq) * logq).sum(-1)
+        ids = self.packed.response_ids[self.packed.mask]
+        return _logp_entropy_rows(self.model, h, ids, self.temperature)[1]
 
 
 def response_entropy_fn(model, packed: PackedBatch, temperature: float = 1.0):

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from entropy_lens.methods.base import MethodTerms
+from entropy_lens.methods.base import GRPO_DUAL_CLIP, GRPO_EPS_HIGH, GRPO_EPS_LOW, LOG_RATIO_CLAMP, MethodTerms
 from entropy_lens.methods.loss import method_per_token_loss
 from entropy_lens.model.forward import PackedBatch, response_logp_entropy
 
@@ -69,13 +69,15 @@ def grpo_token_mean_loss(
     old_logp: torch.Tensor,
     adv: torch.Tensor,
     mask: torch.Tensor,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    dual_clip: float | None = 3.0,
+    eps_low: float = GRPO_EPS_LOW,
+    eps_high: float = GRPO_EPS_HIGH,
+    dual_clip: float | None = GRPO_DUAL_CLIP,
+    log_ratio_clamp: float | None = LOG_RATIO_CLAMP,
 ) -> LossFn:
-    """GRPO clipped surrogate, token-mean over all valid tokens of the batch."""
+    """GRPO clipped surrogate, token-mean over all valid tokens of the batch (defaults: the
+    ``grpo`` method's ε 0.2/0.2, dual-clip 10, log-ratio clamp ±20)."""
     terms = MethodTerms(weight=torch.ones_like(old_logp), touched=torch.zeros_like(mask), eps_low=eps_low,
-                        eps_high=eps_high, dual_clip=dual_clip)
+                        eps_high=eps_high, dual_clip=dual_clip, log_ratio_clamp=log_ratio_clamp)
     return token_mean_loss(terms, old_logp, adv, mask)
 
 
@@ -106,6 +108,11 @@ def one_step_update(
     Returns ``(delta, loss)``: the real update θ' − θ per parameter name and the batch loss.
     The model is left at θ' (use :func:`restore` to go back). Dropout is off (eval mode).
 
+    Low precision (bf16/fp16 parameters): the gradient is computed in the model's dtype, but the
+    optimizer steps an fp32 master copy, so ``delta`` is the fp32 update (a 1e-6 step would
+    otherwise round away in bf16, whose spacing near 1 is 2^-7); the model is then set to θ'
+    rounded to its dtype.
+
     Raises :class:`NonFiniteUpdateError` (a ValueError) when a micro-batch's loss or the
     accumulated gradient is non-finite (the parameters are then untouched), or when the step
     itself makes a parameter non-finite (the parameters are then restored to θ).
@@ -113,7 +120,8 @@ def one_step_update(
     model.eval()
     params = trainable_params(model)
     before = {n: p.detach().clone() for n, p in params.items()}
-    opt = make_optimizer(list(params.values()), optimizer, lr, weight_decay)
+    master = fp32_master(params)
+    opt = make_optimizer(list((master or params).values()), optimizer, lr, weight_decay)
     opt.zero_grad(set_to_none=True)
     total = 0.0
     B = packed.mask.shape[0]
@@ -133,11 +141,20 @@ def one_step_update(
             total += float(loss.detach())
             if progress:
                 progress(rows.stop - rows.start)
+        if master:
+            for n, m in master.items():
+                m.grad = params[n].grad.float()
         _step(opt, model, before, lr)
     finally:
         opt.zero_grad(set_to_none=True)
+        for p in params.values():
+            p.grad = None
     with torch.no_grad():
-        delta = {n: p.detach() - before[n] for n, p in params.items()}
+        if master:
+            delta = {n: m.detach() - before[n].float() for n, m in master.items()}
+            restore(model, {n: m.detach() for n, m in master.items()})
+        else:
+            delta = {n: p.detach() - before[n] for n, p in params.items()}
     bad = next((n for n, d in delta.items() if not bool(torch.isfinite(d).all())), None)
     if bad is not None:
         restore(model, before)
@@ -145,6 +162,17 @@ def one_step_update(
             f"one-step update: the step made parameter {bad} non-finite (learning rate {lr:g} too large?)"
         )
     return delta, total
+
+
+#: Parameter dtypes whose updates are taken on an fp32 master copy.
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def fp32_master(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor] | None:
+    """fp32 leaf copies of low-precision parameters (None when every parameter is fp32 or fp64)."""
+    if not any(p.dtype in LOW_PRECISION for p in params.values()):
+        return None
+    return {n: p.detach().float().clone().requires_grad_(True) for n, p in params.items()}
 
 
 def _step(opt, model, before: dict[str, torch.Tensor], lr: float) -> None:

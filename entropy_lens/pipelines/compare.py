@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -160,13 +161,19 @@ def compare_methods(
     overrides: dict[str, dict[str, Any]] | None = None,
     lr: float = 1e-6,
     seed: int = 0,
+    micro_batch: int | None = None,
+    skip_missing: bool = True,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Predicted entropy change of each method on one recorded batch.
 
     ``tokens_df``: a tokens.parquet frame (:data:`REQUIRED_COLUMNS`). ``methods``: registered names.
     ``overrides``: ``{method: {param: value}}``. ``lr``: η of the predictions. ``seed``: every
     method gets a fresh generator seeded with ``seed`` (results do not depend on method order).
-    Scopes: the frame is one batch with no micro-batch assignment, so every scope is the batch.
+    Scopes: ``micro_batch`` consecutive samples form one micro-batch (the ``micro`` scope of
+    STEER, Clip-Cov, KL-Cov, fork tokens; the STEER reference normalises over 8 sequences per GPU);
+    ``None``: the whole batch is one micro-batch. The mini-batch scope is the batch.
+    A method needing an input the table lacks (``ref_logp`` for ``kl_ref``) is left out and named
+    in ``summary["skipped"]`` (``skip_missing=False``: ``ValueError`` instead).
 
     Returns ``(long_df, summary)``: ``long_df`` has one row per (method, valid token) with
     :data:`LONG_COLUMNS`; ``summary`` (JSON-ready) has ``lr, seed, n_tokens, n_samples,
@@ -183,11 +190,20 @@ def compare_methods(
     params = {m: params_from_dict(m, overrides.get(m)) for m in methods}  # all errors before any work
     validate_tokens_frame(tokens_df)
     batch = _batch_from_frame(tokens_df)
+    skipped = _missing_inputs(methods, params, batch, skip_missing)
+    methods = [m for m in methods if m not in skipped]
+    if micro_batch is not None and micro_batch < 1:
+        raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+    B = batch.mask.shape[0]
+
+    def context():
+        return make_context(seed, lr, batch_size=B, micro_batch_size=micro_batch)
+
     quad = frame_grid(tokens_df, "quadrant", tuple(batch.mask.shape), torch.long)
     frames: list[pd.DataFrame] = []
     out_methods: dict[str, Any] = {}
     for name in methods:  # loop over methods only
-        out_methods[name], frame = _one_method(name, params[name], batch, quad, lr, seed)
+        out_methods[name], frame = _one_method(name, params[name], batch, quad, lr, context())
         frames.append(frame)
     long_df = pd.concat(frames, ignore_index=True)[list(LONG_COLUMNS)]
     input_totals = {
@@ -201,11 +217,32 @@ def compare_methods(
         "n_tokens": batch.n_tokens,
         "n_samples": int(batch.mask.any(-1).sum()),
         "estimators": list(COMPARE_ESTIMATORS),
-        "scope_note": "one recorded batch without micro-batch assignment: micro = mini = batch scope",
+        "micro_batch": micro_batch,
+        "scope_note": (
+            f"micro scope: consecutive micro-batches of {micro_batch} samples; mini = batch scope"
+            if micro_batch else "one recorded batch without micro-batch assignment: micro = mini = batch scope"
+        ),
         "input_totals": input_totals,
+        "skipped": skipped,
         "methods": out_methods,
     }
     return long_df, json_ready(summary)
+
+
+def _missing_inputs(methods: list[str], params: dict[str, Any], batch: TokenBatch, skip: bool) -> dict[str, str]:
+    """``{method: reason}`` of the methods whose required inputs the batch lacks (ValueError
+    naming the first one unless ``skip``); raises when every method would be skipped."""
+    out = {}
+    for m in methods:
+        missing = get_method(m).missing_inputs(batch, params[m])
+        if missing:
+            reason = f"needs {', '.join(missing)}, which the tokens table does not have"
+            if not skip:
+                raise ValueError(f"method {m} {reason}")
+            out[m] = reason
+    if out and len(out) == len(methods):
+        raise ValueError(f"no method can run on this table: {'; '.join(f'{m} {r}' for m, r in out.items())}")
+    return out
 
 
 def _check_request(methods: list[str], overrides: dict[str, Any], lr: float) -> None:
@@ -255,12 +292,13 @@ def _penalty_part(terms: Any, batch: TokenBatch, g: torch.Tensor | None, lr: flo
 
 
 def _one_method(
-    name: str, params: Any, batch: TokenBatch, quad: torch.Tensor, lr: float, seed: int
+    name: str, params: Any, batch: TokenBatch, quad: torch.Tensor, lr: float, ctx: Any
 ) -> tuple[dict[str, Any], pd.DataFrame]:
-    """One method's summary entry and its rows of the long frame (:data:`LONG_COLUMNS`)."""
+    """One method's summary entry and its rows of the long frame (:data:`LONG_COLUMNS`); ``ctx``:
+    a fresh :class:`~entropy_lens.methods.MethodContext`."""
     spec = get_method(name)
     mask, L = batch.mask, batch.n_tokens
-    terms = spec(batch, params, make_context(seed, lr))
+    terms = spec(batch, params, ctx)
     a_m = terms.adv if terms.adv is not None else batch.adv
     w = terms.weight.to(torch.float32)
     iclip = clip_active(batch.ratio, a_m, terms.eps_low, terms.eps_high, terms.dual_clip) & mask
@@ -337,8 +375,10 @@ def measure_methods(
     seed: int = 0,
     source: str = "<rollouts>",
     progress: Callable[[str, int], None] | None = None,
+    scope_micro_batch: int | None = None,
 ) -> tuple[pd.DataFrame, dict[str, dict[str, float]]]:
-    """Measured per-token ΔH (nats) of one real optimizer step under each method.
+    """Measured per-token ΔH (nats) of one real optimizer step under each method
+    (``scope_micro_batch``: the methods' micro scope, as in :func:`compare_methods`).
 
     From the same checkpoint and batch, each method's terms go through the one objective
     (:mod:`entropy_lens.methods.loss`, token-mean), one SGD/AdamW step is taken (``settings``),
@@ -356,7 +396,8 @@ def measure_methods(
     q = cols["quadrant"][batch.mask].numpy()
     frames, totals = [], {}
     for name in methods:  # loop over methods only
-        terms = apply_method(name, batch, params[name], make_context(seed, settings.lr))
+        ctx = make_context(seed, settings.lr, batch_size=batch.mask.shape[0], micro_batch_size=scope_micro_batch)
+        terms = apply_method(name, batch, params[name], ctx)
         loss_fn = token_mean_loss(terms, batch.old_logp, batch.adv, batch.mask)
         try:
             _, loss = one_step_update(model, packed, loss_fn, settings.lr, settings.optimizer, settings.temperature,

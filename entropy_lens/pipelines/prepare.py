@@ -15,6 +15,7 @@ import torch
 
 from entropy_lens.advantages import compute_advantages
 from entropy_lens.io.rollouts import Tokenized, old_logp_grid, tokenize_rollouts
+from entropy_lens.methods.base import GRPO_DUAL_CLIP, GRPO_EPS_HIGH, GRPO_EPS_LOW
 from entropy_lens.model.forward import PackedBatch, pack
 from entropy_lens.tokens import TokenBatch
 
@@ -23,14 +24,15 @@ from entropy_lens.tokens import TokenBatch
 class BatchSettings:
     """What every pipeline on a recorded batch needs (flat values): ``lr`` η of the closed-form
     predictions (nats per step), ``temperature`` τ of the statistics, the clip bounds
-    ``eps_low``/``eps_high``/``dual_clip`` of I_clip, the ``advantage`` estimator
-    (:data:`entropy_lens.advantages.ADVANTAGES`) and ``micro_batch`` sequences per forward."""
+    ``eps_low``/``eps_high``/``dual_clip`` of I_clip (GRPO's: 0.2/0.2, c = 10 as in the STEER
+    reference's runs), the ``advantage`` estimator (:data:`entropy_lens.advantages.ADVANTAGES`) and
+    ``micro_batch`` sequences per forward."""
 
     lr: float = 1e-6
     temperature: float = 1.0
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    dual_clip: float | None = 3.0
+    eps_low: float = GRPO_EPS_LOW
+    eps_high: float = GRPO_EPS_HIGH
+    dual_clip: float | None = GRPO_DUAL_CLIP
     advantage: str = "grpo"
     micro_batch: int = 4
 

@@ -8,6 +8,7 @@ one optimizer step θ → θ' on the GRPO token-mean objective → entropies at 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -21,6 +22,7 @@ from entropy_lens.model.budget import check_budget
 from entropy_lens.model.forward import PackedBatch, response_stats
 from entropy_lens.model.jvp import jvp_prediction
 from entropy_lens.model.update import (
+    LOW_PRECISION,
     grpo_token_mean_loss,
     one_step_update,
     restore,
@@ -83,14 +85,60 @@ def instrument(
     return packed, batch, cols
 
 
+def measuring_model(model):
+    """The model the entropies are measured with: ``model`` itself when its parameters are fp32
+    (or fp64), else an fp32 copy, so that a small step is not lost to bf16/fp16 rounding of the
+    parameters or of the measuring forward."""
+    if next(model.parameters()).dtype not in LOW_PRECISION:
+        return model
+    return copy.deepcopy(model).float()
+
+
+@torch.no_grad()
+def entropy_after(meter, packed: PackedBatch, theta: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
+                  settings: ValidateSettings) -> torch.Tensor:
+    """Entropies ``[B, T]`` (nats) of the measuring model at θ + Δθ (fp32 arithmetic); the model
+    is restored to θ afterwards."""
+    try:
+        restore(meter, {n: theta[n] + delta[n].to(theta[n].dtype) for n in theta})
+        return response_stats(meter, packed, settings.temperature, micro_batch=settings.micro_batch)["entropy"]
+    finally:
+        restore(meter, theta)
+
+
+def abs_quantiles(values: torch.Tensor) -> dict[str, float]:
+    """Quantiles p50, p90, p99 and the max of |values| (a 1-d tensor), as floats."""
+    a = values.abs().double()
+    if a.numel() == 0:
+        return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0}
+    q = torch.quantile(a, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64))
+    return {"p50": float(q[0]), "p90": float(q[1]), "p99": float(q[2]), "max": float(a.max())}
+
+
+def noise_floor(dh_step: torch.Tensor, dh_zero: torch.Tensor, mask: torch.Tensor, meter_dtype: torch.dtype) -> dict[str, Any]:
+    """The η = 0 run of the measuring path against the real step: per-token |ΔH| quantiles of
+    both, their p50 ratio, and a note when the step's median is below 10× the floor's."""
+    floor, signal = abs_quantiles(dh_zero[mask]), abs_quantiles(dh_step[mask])
+    ratio = signal["p50"] / floor["p50"] if floor["p50"] > 0 else None
+    note = None
+    if ratio is not None and ratio < 10:
+        note = (f"the measured |ΔH| median is only {ratio:.1f}× the noise floor (the same measurement with η = 0); "
+                "raise --lr or measure in float32")
+    return {"method": "the measuring path re-run with η = 0 (Δθ = 0)", "measuring_dtype": str(meter_dtype).replace("torch.", ""),
+            "floor_abs_dh": floor, "step_abs_dh": signal, "p50_ratio": ratio, "note": note}
+
+
 def measured_and_jvp(
     model,
     packed: PackedBatch,
     batch: TokenBatch,
     settings: ValidateSettings,
     progress: Progress | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, float]:
-    """(dh_measured, dh_jvp or None, loss) ``[B, T]``; the model is restored to θ afterwards."""
+) -> tuple[torch.Tensor, torch.Tensor | None, float, dict[str, Any]]:
+    """(dh_measured, dh_jvp or None, loss, noise floor) with ``[B, T]`` tensors; the model is
+    restored to θ afterwards. The step is taken with the model in its own dtype (fp32 master
+    update for bf16/fp16, :func:`entropy_lens.model.update.one_step_update`); entropies before and
+    after it, the η = 0 floor and the JVP use :func:`measuring_model` (fp32)."""
     theta = snapshot(model)
     loss_fn = grpo_token_mean_loss(batch.old_logp, batch.adv, batch.mask, settings.eps_low, settings.eps_high, settings.dual_clip)
     try:
@@ -99,16 +147,24 @@ def measured_and_jvp(
             settings.micro_batch, settings.weight_decay,
             progress=(lambda n: progress("update", n)) if progress else None,
         )
-        after = response_stats(model, packed, settings.temperature, micro_batch=settings.micro_batch)
-        if progress:
-            progress("forward after", int(packed.mask.shape[0]))
-        dh_measured = torch.where(batch.mask, after["entropy"] - batch.entropy, 0.0)
     finally:
         restore(model, theta)
+    meter = measuring_model(model)
+    theta_m = snapshot(meter)
+    before = batch.entropy if meter is model else response_stats(
+        meter, packed, settings.temperature, micro_batch=settings.micro_batch)["entropy"]
+    after = entropy_after(meter, packed, theta_m, delta, settings)
+    if progress:
+        progress("forward after", int(packed.mask.shape[0]))
+    dh_measured = torch.where(batch.mask, after - before, 0.0)
+    zero = {n: torch.zeros_like(d) for n, d in delta.items()}
+    dh_zero = torch.where(batch.mask, entropy_after(meter, packed, theta_m, zero, settings) - before, 0.0)
+    floor = noise_floor(dh_measured, dh_zero, batch.mask, next(meter.parameters()).dtype)
     dh_jvp = None
     if settings.jvp:
-        dh_jvp = jvp_prediction(model, packed, theta, delta, settings.temperature, settings.micro_batch, progress)
-    return dh_measured, dh_jvp, loss
+        dh_jvp = jvp_prediction(meter, packed, theta_m, {n: d.to(theta_m[n].dtype) for n, d in delta.items()},
+                                settings.temperature, settings.micro_batch, progress)
+    return dh_measured, dh_jvp, loss, floor
 
 
 def run_validate(
@@ -123,14 +179,26 @@ def run_validate(
     prep = prepare(rollouts, tokenizer, source, settings.max_len)
     check_memory(model, prep, settings.micro_batch, settings.jvp)
     packed, batch, cols = instrument(model, prep, settings, progress)
-    dh_measured, dh_jvp, loss = measured_and_jvp(model, packed, batch, settings, progress)
+    dh_measured, dh_jvp, loss, floor = measured_and_jvp(model, packed, batch, settings, progress)
     cols["dh_measured"] = dh_measured
     if dh_jvp is not None:
         cols["dh_jvp"] = dh_jvp
     frame = batch.to_frame(extra=cols, token_text=token_texts(tokenizer, prep.tok.response_ids))
     frame["quadrant"] = frame["quadrant"].astype(np.int8)
     summary = summarize(frame, batch, settings, prep.tok, loss)
+    low = next(model.parameters()).dtype in LOW_PRECISION
+    summary["precision"] = {"model_dtype": summary_dtype(model),
+                            "update": "fp32 master copy of the parameters" if low else "in the model's dtype",
+                            "measuring_dtype": floor["measuring_dtype"]}
+    summary["noise_floor"] = floor
+    if floor["note"]:
+        summary["notes"].append(floor["note"])
     return frame, summary
+
+
+def summary_dtype(model) -> str:
+    """The model's parameter dtype as a short string (``float32``, ``bfloat16``, ...)."""
+    return str(next(model.parameters()).dtype).replace("torch.", "")
 
 
 def summarize(frame: pd.DataFrame, batch: TokenBatch, settings: ValidateSettings, tok: Tokenized, loss: float) -> dict[str, Any]:

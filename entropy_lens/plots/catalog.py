@@ -225,6 +225,9 @@ def _pass_at_k(pass_at_k: pd.DataFrame) -> Built:
     return d, pass_at_k_figure(d)
 
 
+# The attribution figures (`entropy-lens attribute` runs) register here, before the registry's.
+from entropy_lens.plots import attribution as _attribution  # noqa: F401
+
 # ---------------------------------------------------------------------------------------------
 # The method registry
 # ---------------------------------------------------------------------------------------------

@@ -97,6 +97,13 @@ NEEDS = {
             parent="compare",
             present=lambda r: bool(r.compare_summary),
         ),
+        Need(
+            "attribution",
+            True,
+            "no attribution.parquet in {names}",
+            "no attribution.parquet in {path}; run `entropy-lens attribute`",
+            present=lambda r: r.attribution is not None,
+        ),
         Need("metrics", False, "no metrics.jsonl in the given runs", gather=lambda runs: combined(runs, "metrics")),
         Need(
             "pass_at_k", False, "no pass_at_k in any metrics.jsonl", gather=lambda runs: combined(runs, "pass_at_k")

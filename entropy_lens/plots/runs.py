@@ -45,6 +45,7 @@ class Run:
     metrics: pd.DataFrame | None = None
     pass_at_k: pd.DataFrame | None = None
     config: dict | None = None
+    attribution: pd.DataFrame | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -257,4 +258,6 @@ def load_run(path: str | Path) -> Run:
         _load_compare(run, cmp_dir)
     if (path / "metrics.jsonl").is_file():
         _load_metrics(run, path)
+    if (path / "attribution.parquet").is_file():  # entropy-lens attribute
+        run.attribution = read_parquet(path / "attribution.parquet")
     return run

@@ -260,3 +260,18 @@ def metrics_table(metrics: pd.DataFrame) -> Table:
 def figure_views(figures: Sequence[tuple[str, str, bytes]]) -> list[FigureView]:
     """``(name, caption, png_bytes)`` → figures with the PNG as base64 text (only ``A–Z a–z 0–9 + / =``)."""
     return [FigureView(str(name), str(caption), base64.b64encode(png).decode("ascii")) for name, caption, png in figures]
+
+
+def attribution_table(summary: dict) -> Table | None:
+    """The attribution of ``dh_jvp`` from an ``attribute`` summary (docs/attribution.md): per split
+    and part, share of Σ|ΔH|, Σ ΔH, its share of the total and PCC with the total; None without."""
+    splits = (summary or {}).get("attribution") or {}
+    rows = [
+        (kind, part, r.get("share_abs"), r.get("sum"), r.get("share_total"), r.get("pcc_total"))
+        for kind, res in splits.items()
+        for part, r in (res.get("parts") or {}).items()
+    ]
+    if not rows:
+        return None
+    header = ("split", "part", "share of Σ|ΔH|", "Σ ΔH (nats)", "share of Σ ΔH", "PCC with dh_jvp")
+    return table(header, rows, "where the first-order entropy change comes from (dh_jvp split exactly)")

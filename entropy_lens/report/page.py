@@ -138,6 +138,9 @@ def page_context(
         extra_tables.append(data.compare_table(compare_summary))
     if metrics is not None and len(metrics):
         extra_tables.append(data.metrics_table(metrics))
+    attribution = data.attribution_table(summary or {})
+    if attribution is not None:
+        extra_tables.append(attribution)
     return {
         "title": str(title),
         "notes": [str(n) for n in notes],

@@ -20,9 +20,10 @@ import json
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,6 +110,21 @@ def save_checkpoint(
         atomic_write_json(tmp / "rng.json", meta)
         atomic_write_json(tmp / "trainer_state.json", {"step": int(step), **state})
     prune_checkpoints(run_dir, keep_last)
+    return final
+
+
+#: Folder of the frozen reference policy (the model at step 0) for methods that need ``ref_logp``.
+REFERENCE_DIR = "reference"
+
+
+def save_reference(run_dir: str | Path, model, tokenizer) -> Path:
+    """Write the reference policy (weights and tokenizer) to ``<run>/reference`` atomically."""
+    final = Path(run_dir) / REFERENCE_DIR
+    with atomic_folder(final) as tmp:
+        with _quiet_hf():
+            model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return final
 
 

@@ -39,10 +39,14 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    """``name``: ``arithmetic`` or ``gsm8k``. Arithmetic: ``digits`` per operand, ``n_operands``,
-    ``ops`` (subset of ``+-*``). GSM8K: ``path`` (None: shipped problems, else $ENTROPY_LENS_DATA), ``grader``
+    """``name``: ``arithmetic``, ``gsm8k`` or ``math``. Arithmetic: ``digits`` per operand, ``n_operands``,
+    ``ops`` (subset of ``+-*``). GSM8K: ``path`` (None: shipped problems, else $ENTROPY_LENS_DATA);
+    math: any math dataset file in ``path`` (verl schema, e.g. DAPO-Math-17k, or problem/answer); ``grader``
     (``math`` | ``dapo``). ``reward``: ``task`` (the task's verifier) or ``module:function``.
-    ``convention``: ``pm1`` (+1/−1) or ``01``. ``max_new_tokens``: 0 = the task's default."""
+    ``convention``: ``pm1`` (+1/−1) or ``01``. ``max_new_tokens``: 0 = the task's default.
+    ``overlong_buffer``: DAPO's overlong reward shaping (arXiv 2503.14476, eq. 13) over the last
+    ``overlong_buffer`` tokens before ``max_new_tokens`` (0: off), scaled by ``overlong_penalty``
+    (:func:`entropy_lens.rewards.overlong_penalty`)."""
 
     name: str = "arithmetic"
     digits: int = 2
@@ -55,6 +59,8 @@ class TaskConfig:
     reward: str = "task"
     convention: str = "pm1"
     max_new_tokens: int = 0
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -78,31 +84,47 @@ class SFTConfig:
 @dataclass(frozen=True)
 class RolloutConfig:
     """``batch_size`` responses per step = prompts × ``n`` (the group size); sampled at
-    ``temperature`` from the full softmax; ``gen_batch`` sequences per generate call."""
+    ``temperature`` with nucleus ``top_p`` (1: the full softmax); ``gen_batch`` sequences per
+    generate call. ``dynamic_sampling``: DAPO's dynamic sampling (arXiv 2503.14476 §3.2): groups
+    whose rewards are all equal (no advantage signal) are dropped and new prompts sampled, for at
+    most ``max_sampling_rounds`` rounds; a batch still short after the last round trains on the
+    groups it has (recorded in the step's metrics)."""
 
     batch_size: int = 128
     n: int = 8
     temperature: float = 1.0
+    top_p: float = 1.0
     gen_batch: int = 128
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 3
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """RL update: ``name`` adamw | sgd, learning rate ``lr`` (η), ``grad_clip`` (max global norm,
-    None: off). Each step's batch is split into ``mini_batches`` consecutive mini-batches (one
-    optimizer step each) for ``ppo_epochs`` passes; ``micro_batch`` sequences per forward/backward
-    (None: the whole mini-batch) — it is also the "micro" scope of the methods.
-    ``agg_mode``: loss aggregation (:data:`entropy_lens.objective.AGG_MODES`); ``advantage``:
-    estimator of :mod:`entropy_lens.advantages`."""
+    """RL update: ``name`` adamw | sgd, learning rate ``lr`` (η), ``weight_decay`` (decoupled, AdamW),
+    ``grad_clip`` (max global norm, None: off). Each step's batch is split into ``mini_batches``
+    consecutive mini-batches (one optimizer step each) for ``ppo_epochs`` passes; ``micro_batch``
+    sequences per forward/backward (None: the whole mini-batch) — it is also the "micro" scope of
+    the methods. ``mix_groups``: shuffle the step's sequences (``prompts`` stream) before splitting,
+    so micro-batches mix prompt groups as the reference's length balancing across GPUs does
+    (False: consecutive sequences, each group together).
+    ``agg_mode``: loss aggregation (:data:`entropy_lens.objective.AGG_MODES`). ``agg_scope``:
+    ``micro`` aggregates each micro-batch over its own tokens and divides by the number of
+    micro-batches (gradient accumulation as in verl 0.4.1, the STEER reference); ``mini``: one
+    aggregate over the whole mini-batch. ``advantage``: estimator of :mod:`entropy_lens.advantages`.
+    Defaults ``weight_decay`` 0.01, ``grad_clip`` 1.0, ``agg_scope`` micro: the STEER reference
+    run script (docs/trainer.md)."""
 
     name: str = "adamw"
     lr: float = 1e-3
-    weight_decay: float = 0.0
-    grad_clip: float | None = None
+    weight_decay: float = 0.01
+    grad_clip: float | None = 1.0
     ppo_epochs: int = 1
     mini_batches: int = 4
     micro_batch: int | None = None
+    mix_groups: bool = False
     agg_mode: str = "token-mean"
+    agg_scope: str = "micro"
     advantage: str = "grpo"
 
 
@@ -111,12 +133,14 @@ class LogConfig:
     """``eval_every``: greedy accuracy on the held-out set every k steps (0: only at the end);
     ``jvp_every``: the parameter-space ΔH prediction every k steps (0: never);
     ``pass_k``: the k of pass@k on the eval set at the end (n = max k samples per prompt; empty:
-    skip); ``save_rollouts``: write ``rollouts/step_NNNNNN.parquet``."""
+    skip); ``save_rollouts``: write ``rollouts/step_NNNNNN.parquet``; ``tensorboard``: also write
+    every step's scalars to ``tensorboard/`` (needs the ``tensorboard`` extra)."""
 
     eval_every: int = 10
     jvp_every: int = 1
     pass_k: tuple[int, ...] = (1, 2, 4, 8, 16)
     save_rollouts: bool = True
+    tensorboard: bool = False
 
 
 @dataclass(frozen=True)
@@ -129,11 +153,13 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run. ``method_params``: the method's parameter overrides as sorted pairs.
+    """One training run. ``profile``: the :data:`PROFILES` entry applied over the preset (None:
+    none). ``method_params``: the method's parameter overrides as sorted pairs.
     ``threads``: torch CPU threads (None: leave as is); ``deterministic``: use
     ``torch.use_deterministic_algorithms`` (needed for bit-identical resume)."""
 
     preset: str
+    profile: str | None = None
     method: str = "grpo"
     method_params: tuple[tuple[str, Any], ...] = ()
     seed: int = 0
@@ -157,6 +183,10 @@ class TrainConfig:
 
 
 SECTIONS = ("model", "task", "sft", "rollout", "optim", "log", "checkpoint")
+#: Task names (:class:`TaskConfig`).
+TASKS = ("arithmetic", "gsm8k", "math")
+#: Where the loss is aggregated (:class:`OptimConfig`).
+AGG_SCOPES = ("micro", "mini")
 TOP_LEVEL = ("seed", "steps", "threads", "deterministic")
 
 
@@ -197,6 +227,36 @@ def _gsm8k_smollm2() -> TrainConfig:
 
 
 PRESETS = {"arithmetic-tiny": _arithmetic_tiny, "gsm8k-smollm2": _gsm8k_smollm2}
+
+#: Profiles: overrides applied on top of a preset, before ``--set``. ``paper`` is the STEER
+#: reference setting (arXiv 2510.10150 §5 and its released run script, verl 0.4.1): 512 prompts ×
+#: 8 responses per step, mini-batches of 32 prompts (16 optimizer steps per RL step), micro-batches
+#: of 8 sequences mixed across groups, AdamW lr 1e-6, weight decay 0.01, gradient clipping 1.0,
+#: token-mean per micro-batch over the gradient-accumulation steps, T = 1, top-p 1, responses of up
+#: to 3,072 tokens, 200 steps. The method's own defaults (ε 0.2/0.28, dual-clip 10, log-ratio clamp
+#: ±20, λ_min 0.8, H_old) already follow the reference. The model (Qwen2.5-Math-7B) and the data
+#: (DAPO-Math-17k) are set with ``model.source`` and ``task.*``.
+PROFILES: dict[str, dict[str, Any]] = {
+    "paper": {
+        "steps": 200,
+        "rollout.batch_size": 4096,
+        "rollout.n": 8,
+        "rollout.temperature": 1.0,
+        "rollout.top_p": 1.0,
+        "optim.name": "adamw",
+        "optim.lr": 1e-6,
+        "optim.weight_decay": 0.01,
+        "optim.grad_clip": 1.0,
+        "optim.mini_batches": 16,
+        "optim.micro_batch": 8,
+        "optim.mix_groups": True,
+        "optim.agg_mode": "token-mean",
+        "optim.agg_scope": "micro",
+        "optim.ppo_epochs": 1,
+        "optim.advantage": "grpo",
+        "task.max_new_tokens": 3072,
+    },
+}
 
 
 def list_presets() -> list[str]:
@@ -287,13 +347,19 @@ def build_config(
     overrides: dict[str, Any] | list[str] | None = None,
     seed: int | None = None,
     steps: int | None = None,
+    profile: str | None = None,
 ) -> TrainConfig:
-    """A validated config: ``preset`` defaults, the ``method``, ``overrides`` (a dict or a list of
-    ``"key=value"`` strings), then ``seed``/``steps`` when given."""
+    """A validated config: ``preset`` defaults, the ``method``, the ``profile``'s overrides
+    (:data:`PROFILES`), ``overrides`` (a dict or a list of ``"key=value"`` strings), then
+    ``seed``/``steps`` when given."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+    if profile is not None and profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; available: {', '.join(PROFILES)}")
     get_method(method)  # unknown method -> ValueError listing the registered ones
     cfg = replace(PRESETS[preset](), method=method)
+    if profile is not None:
+        cfg = replace(apply_overrides(cfg, PROFILES[profile]), profile=profile)
     cfg = apply_overrides(cfg, parse_set_items(overrides) if isinstance(overrides, list) else dict(overrides or {}))
     if seed is not None:
         cfg = replace(cfg, seed=int(seed))
@@ -321,6 +387,7 @@ def validate_config(cfg: TrainConfig) -> None:
     need(o.ppo_epochs >= 1, f"optim.ppo_epochs must be >= 1, got {o.ppo_epochs}")
     need(o.mini_batches >= 1, f"optim.mini_batches must be >= 1, got {o.mini_batches}")
     need(o.micro_batch is None or o.micro_batch >= 1, f"optim.micro_batch must be >= 1, got {o.micro_batch}")
+    need(o.agg_scope in AGG_SCOPES, f"optim.agg_scope must be one of {', '.join(AGG_SCOPES)}, got {o.agg_scope!r}")
     need(o.agg_mode in AGG_MODES, f"optim.agg_mode must be one of {', '.join(AGG_MODES)}, got {o.agg_mode!r}")
     need(o.advantage in ADVANTAGES, f"optim.advantage must be one of {', '.join(ADVANTAGES)}, got {o.advantage!r}")
     need(r.n >= 2, f"rollout.n (group size) must be >= 2, got {r.n}")
@@ -335,7 +402,19 @@ def validate_config(cfg: TrainConfig) -> None:
     )
     need(math.isfinite(r.temperature) and r.temperature > 0, f"rollout.temperature must be > 0, got {r.temperature}")
     need(r.gen_batch >= 1, f"rollout.gen_batch must be >= 1, got {r.gen_batch}")
-    need(t.name in ("arithmetic", "gsm8k"), f"task.name must be arithmetic or gsm8k, got {t.name!r}")
+    need(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}")
+    need(r.max_sampling_rounds >= 1, f"rollout.max_sampling_rounds must be >= 1, got {r.max_sampling_rounds}")
+    need(t.overlong_buffer >= 0, f"task.overlong_buffer must be >= 0, got {t.overlong_buffer}")
+    need(
+        t.max_new_tokens == 0 or t.overlong_buffer <= t.max_new_tokens,
+        f"task.overlong_buffer={t.overlong_buffer} exceeds task.max_new_tokens={t.max_new_tokens}",
+    )
+    need(
+        math.isfinite(t.overlong_penalty) and t.overlong_penalty >= 0,
+        f"task.overlong_penalty must be >= 0, got {t.overlong_penalty}",
+    )
+    need(t.name in TASKS, f"task.name must be one of {', '.join(TASKS)}, got {t.name!r}")
+    need(t.name != "math" or bool(t.path), "task.name=math needs task.path (a math dataset file, e.g. DAPO-Math-17k)")
     need(t.convention in ("pm1", "01"), f"task.convention must be pm1 or 01, got {t.convention!r}")
     need(t.grader in ("math", "dapo"), f"task.grader must be math or dapo, got {t.grader!r}")
     need(t.max_new_tokens >= 0, f"task.max_new_tokens must be >= 0, got {t.max_new_tokens}")

@@ -21,13 +21,14 @@ from entropy_lens.train.tasks import (
 
 def generate_ids(
     model, tok, prompts: list[list[int]], n: int, max_new_tokens: int, batch_size: int,
-    temperature: float | None = None, seed: int = 0,
+    temperature: float | None = None, seed: int = 0, top_p: float = 1.0,
 ) -> list[tuple[int, list[int]]]:
     """``n`` responses per prompt, prompt-major: ``(prompt index, response ids up to and including
     the first EOS)``; :func:`entropy_lens.model.generate.generate` without the per-sample log-prob
     pass (the trainer recomputes ``old_logp`` for the whole batch; measured on ``arithmetic-tiny``
-    the per-sample pass cost as much as ``generate`` itself). ``temperature=None``: greedy."""
-    outs = generate(model, tok, prompts, n, max_new_tokens, batch_size, temperature, seed)
+    the per-sample pass cost as much as ``generate`` itself). ``temperature=None``: greedy;
+    ``top_p``: nucleus sampling (1: the full softmax)."""
+    outs = generate(model, tok, prompts, n, max_new_tokens, batch_size, temperature, seed, top_p=top_p)
     return [(o["prompt_index"], o["response_ids"]) for o in outs]
 
 

@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -41,6 +42,7 @@ from entropy_lens.io.writers import (
     versions,
 )
 from entropy_lens.methods import (
+    get_method,
     params_from_dict,
 )
 from entropy_lens.model.update import make_optimizer, trainable_params
@@ -64,6 +66,7 @@ from entropy_lens.train.step import rl_step
 from entropy_lens.train.tasks import (
     resolve_reward,
 )
+from entropy_lens.train.tensorboard import TensorBoardLog
 from entropy_lens.train.warmup import warm_start
 
 # ---------------------------------------------------------------------------------------------
@@ -158,6 +161,7 @@ def train(
             raise ValueError(f"{out}: already holds a run; pass --resume to continue it or choose another -o")
         last = None
     method_params = params_from_dict(cfg.method, cfg.method_param_dict())
+    needs_reference = "ref_logp" in get_method(cfg.method).required_inputs(method_params)
 
     with _torch_settings(cfg):
         t_start = time.perf_counter()
@@ -173,6 +177,8 @@ def train(
             optimizer = make_optimizer(list(trainable_params(model).values()), cfg.optim.name, cfg.optim.lr,
                                        cfg.optim.weight_decay)
             info["setup_wall_s"] = time.perf_counter() - t_start
+            if needs_reference:
+                ckpt.save_reference(out, model, tok)
             ckpt.save_checkpoint(out, 0, model, tok, optimizer, gens, {"info": info}, cfg.checkpoint.keep_last)
             start = 0
         else:
@@ -187,37 +193,65 @@ def train(
             _write_config(out, cfg, set_items)
         if progress:
             progress("start", {"start": start, "total": cfg.steps, "info": info})
-
-        for step in range(start + 1, cfg.steps + 1):
-            t0 = time.perf_counter()
-            try:
-                res = rl_step(step, model, task, cfg, optimizer, gens, reward, method_params)
-            except TrainingDiverged as exc:
-                good = ckpt.latest_checkpoint(out)
-                where = good[1] if good else "none"
-                msg = f"{exc}; the run stopped, the last good checkpoint is {where}"
-                atomic_write_json(out / "summary.json", {"status": "diverged", "message": msg,
-                                                         "last_checkpoint": str(where)})
-                raise TrainingDiverged(msg) from None
-            extra: dict[str, Any] = {}
-            if cfg.log.eval_every and (step % cfg.log.eval_every == 0 or step == cfg.steps):
-                extra["eval_accuracy"] = eval_accuracy(model, task, cfg.rollout.gen_batch)
-            if step == cfg.steps and cfg.log.pass_k:
-                extra["pass_at_k"] = eval_pass_at_k(model, task, cfg)
-            rec = mx.make_record(**res.record, **extra, wall_s=time.perf_counter() - t0)
-            mx.append_record(metrics_path, rec)
-            if cfg.log.save_rollouts:
-                atomic_write_parquet(out / "rollouts" / f"step_{step:06d}.parquet", res.rollouts)
-            if step % cfg.checkpoint.every == 0 or step == cfg.steps:
-                ckpt.save_checkpoint(out, step, model, tok, optimizer, gens, {"info": info}, cfg.checkpoint.keep_last)
-            if progress:
-                progress("step", {"step": step, "total": cfg.steps, "record": rec})
-            if on_step:
-                on_step(step)
-
+        tb = TensorBoardLog(out / "tensorboard", purge_step=start + 1) if cfg.log.tensorboard else None
+        ref_model = load_reference(cfg, out) if needs_reference else None
+        try:
+            _steps(cfg, out, start, (model, tok, task, optimizer, ref_model), gens, reward, method_params, info,
+                   progress, on_step, tb)
+        finally:
+            if tb is not None:
+                tb.close()
         summary = summarize_run(cfg, out, info, time.perf_counter() - t_start)
         atomic_write_json(out / "summary.json", summary)
         return summary
+
+
+def load_reference(cfg: TrainConfig, out: Path):
+    """The frozen reference policy of the run (``<run>/reference``, written at step 0)."""
+    path = out / ckpt.REFERENCE_DIR
+    if not path.is_dir():
+        raise ValueError(f"{path}: missing; method {cfg.method} needs the reference policy saved at step 0")
+    model = load_model_and_task(cfg, from_checkpoint=path)[0]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def _steps(cfg: TrainConfig, out: Path, start: int, state: tuple, gens, reward, method_params,
+           info: dict[str, Any], progress: Progress | None, on_step: Callable[[int], None] | None,
+           tb: TensorBoardLog | None) -> None:
+    """RL steps ``start + 1 .. cfg.steps``: each step's record, rollouts and checkpoint.
+    ``state`` = (model, tokenizer, task, optimizer, reference model or None)."""
+    model, tok, task, optimizer, ref_model = state
+    metrics_path = out / "metrics.jsonl"
+    for step in range(start + 1, cfg.steps + 1):
+        t0 = time.perf_counter()
+        try:
+            res = rl_step(step, model, task, cfg, optimizer, gens, reward, method_params, ref_model=ref_model)
+        except TrainingDiverged as exc:
+            good = ckpt.latest_checkpoint(out)
+            where = good[1] if good else "none"
+            msg = f"{exc}; the run stopped, the last good checkpoint is {where}"
+            atomic_write_json(out / "summary.json", {"status": "diverged", "message": msg,
+                                                     "last_checkpoint": str(where)})
+            raise TrainingDiverged(msg) from None
+        extra: dict[str, Any] = {}
+        if cfg.log.eval_every and (step % cfg.log.eval_every == 0 or step == cfg.steps):
+            extra["eval_accuracy"] = eval_accuracy(model, task, cfg.rollout.gen_batch)
+        if step == cfg.steps and cfg.log.pass_k:
+            extra["pass_at_k"] = eval_pass_at_k(model, task, cfg)
+        rec = mx.make_record(**res.record, **extra, wall_s=time.perf_counter() - t0)
+        mx.append_record(metrics_path, rec)
+        if tb is not None:
+            tb.log(rec)
+        if cfg.log.save_rollouts:
+            atomic_write_parquet(out / "rollouts" / f"step_{step:06d}.parquet", res.rollouts)
+        if step % cfg.checkpoint.every == 0 or step == cfg.steps:
+            ckpt.save_checkpoint(out, step, model, tok, optimizer, gens, {"info": info}, cfg.checkpoint.keep_last)
+        if progress:
+            progress("step", {"step": step, "total": cfg.steps, "record": rec})
+        if on_step:
+            on_step(step)
 
 
 def summarize_run(cfg: TrainConfig, out: Path, info: dict[str, Any], wall_s: float) -> dict[str, Any]:

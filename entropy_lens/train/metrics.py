@@ -1,7 +1,8 @@
 """The per-step record of ``metrics.jsonl``, pass@k, and reading/writing the log.
 
 One JSON object per RL step, exactly these keys (:data:`METRIC_KEYS`) plus the optional
-``eval_accuracy`` and ``pass_at_k``::
+``eval_accuracy``, ``pass_at_k``, ``truncated_frac`` (share of responses that hit the length limit)
+and ``sampling`` (DAPO dynamic sampling: rounds, groups_sampled, groups_kept, groups_filled)::
 
     step, method, seed, reward_mean, accuracy, entropy_mean, clip_frac_high, clip_frac_low,
     weight_mean, weight_std, weight_min, weight_max,
@@ -16,8 +17,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -29,7 +31,7 @@ METRIC_KEYS = (
     "step", "method", "seed", "reward_mean", "accuracy", "entropy_mean", "clip_frac_high", "clip_frac_low",
     "weight_mean", "weight_std", "weight_min", "weight_max", "quadrant", "dh_pred", "dh_measured", "loss", "wall_s",
 )
-OPTIONAL_KEYS = ("eval_accuracy", "pass_at_k")
+OPTIONAL_KEYS = ("eval_accuracy", "pass_at_k", "truncated_frac", "sampling")
 QUADRANT_KEYS = ("token_share", "dh_pred", "dh_measured")
 DH_PRED_KEYS = ("omega_paper", "dh_all_logit", "dh_cov", "dh_jvp")
 QUADRANTS = ("Q1", "Q2", "Q3", "Q4")

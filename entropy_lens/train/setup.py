@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -64,7 +65,7 @@ def build_task(cfg: TrainConfig, tokenizer=None):
         return ArithmeticTask(digits=t.digits, n_operands=t.n_operands, ops=t.ops, eval_size=t.eval_size,
                               split_seed=t.split_seed, correct=correct, incorrect=incorrect)
     return GSM8KTask(tokenizer, path=t.path, eval_size=t.eval_size, reward=t.grader, convention=t.convention,
-                     max_new_tokens=t.max_new_tokens or 128)
+                     max_new_tokens=t.max_new_tokens or 128, name=t.name)
 
 
 def load_model_and_task(cfg: TrainConfig, from_checkpoint: Path | None = None):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 import torch
@@ -24,6 +25,8 @@ from entropy_lens.model.forward import (
 )
 from entropy_lens.model.jvp import jvp_prediction
 from entropy_lens.model.update import snapshot, trainable_params
+from entropy_lens.objective import aggregate
+from entropy_lens.rewards import overlong_penalty
 from entropy_lens.tokens import TokenBatch
 from entropy_lens.train import metrics as mx
 from entropy_lens.train.config import (
@@ -53,15 +56,42 @@ class UpdateOut:
     loss: float
 
 
-def _micro_share(mode: str, mask: torch.Tensor, rows: slice) -> float:
-    """Factor that turns the aggregated loss of sequences ``rows`` into its share of the
-    mini-batch loss (so micro-batch losses sum to the mini-batch loss for every agg mode)."""
+def _micro_share(mode: str, scope: str, mask: torch.Tensor, rows: slice, n_micro: int) -> float:
+    """Factor applied to the aggregated loss of the micro-batch ``rows`` before accumulation.
+
+    ``scope="micro"``: 1/n_micro (each micro-batch is aggregated over its own tokens and the
+    gradients are averaged over the accumulation steps, verl 0.4.1). ``scope="mini"``: the share of
+    the micro-batch in the mini-batch aggregate, so the micro-batch losses sum to the one
+    mini-batch loss for every aggregation mode."""
+    if scope == "micro":
+        return 1.0 / n_micro
     sub = mask[rows]
     if mode == "token-mean":
         return float(sub.sum()) / max(float(mask.sum()), 1.0)
     if mode == "seq-mean-token-sum-norm":
         return sub.shape[0] / mask.shape[0]
     return float(sub.any(-1).sum()) / max(float(mask.any(-1).sum()), 1.0)
+
+
+def micro_rows(batch_size: int, micro: int) -> list[slice]:
+    """Consecutive micro-batches of ``micro`` sequences covering ``batch_size`` sequences."""
+    return [slice(i, min(i + micro, batch_size)) for i in range(0, batch_size, micro)]
+
+
+def loss_token_weights(mask: torch.Tensor, mode: str, scope: str, micro: int, norm_len: int | None = None) -> torch.Tensor:
+    """∂loss/∂ℓ_t of the mini-batch loss the trainer builds from per-token losses ℓ, ``[B, T]``
+    float64 (0 on padding): Σ_micro share · aggregate(ℓ_micro). Token-mean over the mini-batch gives
+    1/L everywhere; ``scope="micro"`` gives 1/(n_micro · L_micro) (differentiated through
+    :func:`entropy_lens.objective.aggregate` itself, so it cannot drift from the loss)."""
+    ell = torch.zeros(mask.shape, dtype=torch.float64, requires_grad=True)
+    parts = micro_rows(mask.shape[0], micro)
+    total = sum(
+        aggregate(ell[r], mask[r], mode, norm_len) * _micro_share(mode, scope, mask, r, len(parts)) for r in parts
+    )
+    if not isinstance(total, torch.Tensor) or not total.requires_grad:
+        return torch.zeros(mask.shape, dtype=torch.float64)
+    (g,) = torch.autograd.grad(total, ell)
+    return g
 
 
 def update_minibatch(
@@ -76,11 +106,14 @@ def update_minibatch(
     method_params: Any,
     method_gen: torch.Generator,
     where: str,
+    old_entropy: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
 ) -> UpdateOut:
     """One optimizer step on one mini-batch through the chosen method and the one objective.
 
     The method sees the mini-batch's current statistics (log p, H, Σp², Σp² log p at θ before this
-    update; no grad) with the recorded ``old_logp`` and advantages; micro-batches of
+    update; no grad) with the recorded ``old_logp``, ``old_entropy`` (H_old, recorded with the old
+    log-probs), ``ref_logp`` (the reference policy's, for KL methods) and advantages; micro-batches of
     ``optim.micro_batch`` sequences accumulate gradients. Raises :class:`TrainingDiverged` on a
     non-finite loss or gradient norm (before the optimizer step).
     """
@@ -92,15 +125,18 @@ def update_minibatch(
     batch = TokenBatch(
         token_ids=packed.response_ids, mask=mask, logp=stats["logp"], old_logp=old_logp, entropy=stats["entropy"],
         sum_p2=stats["sum_p2"], sum_p2_logp=stats["sum_p2_logp"], adv=adv, group_id=group_id, reward=reward,
-        meta={"temperature": T},
+        meta={"temperature": T}, old_entropy=old_entropy, ref_logp=ref_logp,
     )
     ctx = replace(make_context(0, o.lr, batch_size=B, micro_batch_size=micro), generator=method_gen)
     terms = apply_method(cfg.method, batch, method_params, ctx)
 
-    # closed-form predictions of this update (token-mean: L = this mini-batch's valid tokens)
+    # closed-form predictions of this update: the estimators divide by L (this mini-batch's valid
+    # tokens), so the coefficient carries L·∂loss/∂ℓ_t of the aggregation actually used
     a = terms.adv if terms.adv is not None else adv
     g = terms.penalty.dlogp(batch.logp, batch.old_logp) if terms.penalty is not None else None
     coef = est.effective_coefficient(terms.weight, a, mask, batch.ratio, g)
+    agg_w = loss_token_weights(mask, o.agg_mode, o.agg_scope, micro, mask.shape[1]) * max(int(mask.sum()), 1)
+    coef = coef * agg_w.to(coef.dtype)
     cols = est.closed_form_columns(batch.replace(adv=coef), o.lr, terms.eps_low, terms.eps_high, terms.dual_clip)
     preds = {k: cols[k] for k in ("omega_paper", "dh_all_logit", "dh_cov")}
     r = batch.ratio
@@ -109,12 +145,12 @@ def update_minibatch(
 
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
-    for i in range(0, B, micro):  # loop over micro-batches
-        rows = slice(i, min(i + micro, B))
+    parts = micro_rows(B, micro)
+    for rows in parts:  # loop over micro-batches
         sub = packed.select(rows)
         logp, ent = response_logp_entropy(model, sub, T)
         loss = method_loss(terms.rows(rows), logp, old_logp[rows], adv[rows], mask[rows], ent, o.agg_mode,
-                           norm_len=mask.shape[1]) * _micro_share(o.agg_mode, mask, rows)
+                           norm_len=mask.shape[1]) * _micro_share(o.agg_mode, o.agg_scope, mask, rows, len(parts))
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"non-finite loss ({float(loss.detach())}) at {where}")
         loss.backward()
@@ -160,52 +196,140 @@ def _rollouts_frame(step: int, prompts_per_step: int, problems: list, texts: lis
     })
 
 
-def rl_step(step: int, model, task, cfg: TrainConfig, optimizer, gens: dict[str, torch.Generator],
-            reward: tuple[str, Callable[[str, str], float]], method_params: Any) -> StepResult:
-    """Sample → reward → advantages → old statistics → updates → measured and predicted ΔH."""
-    T, n, o = cfg.rollout.temperature, cfg.rollout.n, cfg.optim
-    tok = task.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+@dataclass
+class Sampled:
+    """The step's responses, prompt-major in groups of n: problems, ids, texts, the verifiable
+    ``rewards`` [B] (after overlong shaping), ``correct`` [B] bool, ``group`` [B] (0..P−1), and
+    the dynamic-sampling counts (``None`` when it is off)."""
 
-    # 1. prompts and n responses each
+    problems: list
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    texts: list[str]
+    rewards: torch.Tensor
+    correct: torch.Tensor
+    group: torch.Tensor
+    sampling: dict[str, int] | None = None
+
+
+def _sample_round(model, task, cfg: TrainConfig, gens: dict[str, torch.Generator],
+                  reward: tuple[str, Callable[[str, str], float]]) -> Sampled:
+    """Draw ``prompts_per_step`` prompts and ``n`` responses each; reward (with DAPO's overlong
+    shaping when ``task.overlong_buffer`` > 0) and the task's own correctness."""
+    n, tok = cfg.rollout.n, task.tokenizer
     pick = torch.randperm(len(task.train_problems), generator=gens["prompts"])[: cfg.prompts_per_step]
     problems = [task.train_problems[int(i)] for i in pick]
     prompt_ids = [task.prompt_ids(p) for p in problems]
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gens["sampling"]))
-    samples = generate_ids(model, tok, prompt_ids, n, task.max_new_tokens, cfg.rollout.gen_batch, T, seed=seed)
+    samples = generate_ids(model, tok, prompt_ids, n, task.max_new_tokens, cfg.rollout.gen_batch,
+                           cfg.rollout.temperature, seed=seed, top_p=cfg.rollout.top_p)
     group = torch.tensor([i for i, _ in samples], dtype=torch.long)
     sample_problems = [problems[i] for i, _ in samples]
-    sample_prompt_ids = [prompt_ids[i] for i, _ in samples]
     response_ids = [r for _, r in samples]
     texts = [task.decode(r) for r in response_ids]
-
-    # 2. verifiable reward, accuracy (the task's own verifier), advantages
     reward_name, reward_fn = reward
-    rewards = torch.tensor(score_responses(reward_fn, reward_name, texts, sample_problems), dtype=torch.float32)
+    rewards = torch.tensor(score_responses(reward_fn, reward_name, texts, sample_problems), dtype=torch.float64)
+    if cfg.task.overlong_buffer > 0:
+        shaping = overlong_penalty([len(r) for r in response_ids], task.max_new_tokens, cfg.task.overlong_buffer,
+                                   cfg.task.overlong_penalty)
+        rewards = rewards + torch.tensor(shaping, dtype=torch.float64)
     correct = torch.tensor([task.reward(t, p.answer) == task.correct for t, p in zip(texts, sample_problems)])
-    packed = pack(sample_prompt_ids, response_ids, pad)
+    return Sampled(sample_problems, [prompt_ids[i] for i, _ in samples], response_ids, texts,
+                   rewards.float(), correct, group)
+
+
+def _take_groups(s: Sampled, groups: list[int], n: int, offset: int) -> Sampled:
+    """The responses of ``groups`` (ids of ``s.group``), renumbered from ``offset``."""
+    rows = [b for g in groups for b in range(g * n, (g + 1) * n)]
+    new_group = torch.tensor([offset + i for i in range(len(groups)) for _ in range(n)], dtype=torch.long)
+    return Sampled([s.problems[b] for b in rows], [s.prompt_ids[b] for b in rows], [s.response_ids[b] for b in rows],
+                   [s.texts[b] for b in rows], s.rewards[rows], s.correct[rows], new_group)
+
+
+def _concat(parts: list[Sampled]) -> Sampled:
+    return Sampled(
+        [p for s in parts for p in s.problems], [p for s in parts for p in s.prompt_ids],
+        [r for s in parts for r in s.response_ids], [t for s in parts for t in s.texts],
+        torch.cat([s.rewards for s in parts]), torch.cat([s.correct for s in parts]),
+        torch.cat([s.group for s in parts]),
+    )
+
+
+def sample_batch(model, task, cfg: TrainConfig, gens: dict[str, torch.Generator],
+                 reward: tuple[str, Callable[[str, str], float]]) -> Sampled:
+    """The step's batch of ``prompts_per_step`` groups of ``n`` responses.
+
+    With ``rollout.dynamic_sampling`` (DAPO, arXiv 2503.14476 §3.2) groups whose responses are all
+    correct or all wrong (the task's verifier; they carry no group-relative advantage) are dropped
+    and new prompts drawn, for at most ``rollout.max_sampling_rounds`` rounds; if the batch is still
+    short, the dropped groups of the rounds fill it (``groups_filled`` in the counts)."""
+    first = _sample_round(model, task, cfg, gens, reward)
+    if not cfg.rollout.dynamic_sampling:
+        return first
+    P, n = cfg.prompts_per_step, cfg.rollout.n
+    kept: list[Sampled] = []
+    dropped: list[tuple[Sampled, int]] = []
+    n_kept = rounds = 0
+    current = first
+    while True:
+        rounds += 1
+        ok = current.correct.reshape(P, n).float().mean(-1)
+        informative = [g for g in range(P) if 0.0 < float(ok[g]) < 1.0]
+        take = informative[: P - n_kept]
+        kept.append(_take_groups(current, take, n, n_kept))
+        n_kept += len(take)
+        dropped.extend((current, g) for g in range(P) if g not in informative)
+        if n_kept >= P or rounds >= cfg.rollout.max_sampling_rounds:
+            break
+        current = _sample_round(model, task, cfg, gens, reward)
+    filled = P - n_kept
+    for i, (src, g) in enumerate(dropped[:filled]):
+        kept.append(_take_groups(src, [g], n, n_kept + i))
+    out = _concat(kept)
+    out.sampling = {"rounds": rounds, "groups_sampled": rounds * P, "groups_kept": n_kept, "groups_filled": filled}
+    return out
+
+
+def rl_step(step: int, model, task, cfg: TrainConfig, optimizer, gens: dict[str, torch.Generator],
+            reward: tuple[str, Callable[[str, str], float]], method_params: Any, ref_model=None) -> StepResult:
+    """Sample → reward → advantages → old statistics → updates → measured and predicted ΔH.
+    ``ref_model``: the frozen reference policy, for methods that read ``ref_logp`` (else None)."""
+    T, o = cfg.rollout.temperature, cfg.optim
+    tok = task.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    # 1-2. prompts, n responses each, verifiable reward, accuracy, advantages
+    sb = sample_batch(model, task, cfg, gens, reward)
+    rewards, group, correct = sb.rewards, sb.group, sb.correct
+    packed = pack(sb.prompt_ids, sb.response_ids, pad)
     mask = packed.mask
     seq_adv = compute_advantages(o.advantage, rewards, group, lengths=mask.sum(-1))
     adv = broadcast_to_tokens(seq_adv, mask).float()
 
     # 3. old log-probs and entropies (no grad)
-    old = response_stats(model, packed, T, micro_batch=o.micro_batch or mask.shape[0])
+    B = mask.shape[0]
+    old = response_stats(model, packed, T, micro_batch=o.micro_batch or B)
     old_logp = old["logp"]
     quadrant = est.quadrant(old["logp"], old["entropy"], adv)
+    ref_logp = None
+    if ref_model is not None:
+        ref_logp = response_stats(ref_model, packed, T, micro_batch=o.micro_batch or B)["logp"]
 
-    # 4. updates: ppo_epochs × mini_batches optimizer steps
+    # 4. updates: ppo_epochs × mini_batches optimizer steps (sequences shuffled first with mix_groups)
     theta = snapshot(model)
-    B = mask.shape[0]
+    order = torch.randperm(B, generator=gens["prompts"]) if o.mix_groups else torch.arange(B)
     mb = B // o.mini_batches
     preds = {k: torch.zeros_like(old_logp, dtype=torch.float64) for k in ("omega_paper", "dh_all_logit", "dh_cov")}
     weights, losses = [], []
     n_hi = n_lo = n_tok = 0
     for epoch in range(o.ppo_epochs):
         for j in range(o.mini_batches):
-            rows = slice(j * mb, (j + 1) * mb)
+            rows = order[j * mb:(j + 1) * mb]
             u = update_minibatch(model, optimizer, packed.select(rows), old_logp[rows], adv[rows], group[rows],
                                  rewards[rows], cfg, method_params, gens["method"],
-                                 where=f"step {step}, epoch {epoch + 1}, mini-batch {j + 1}")
+                                 where=f"step {step}, epoch {epoch + 1}, mini-batch {j + 1}",
+                                 old_entropy=old["entropy"][rows],
+                                 ref_logp=None if ref_logp is None else ref_logp[rows])
             for k in preds:
                 preds[k][rows] += u.preds[k].double()
             weights.append(u.weights)
@@ -222,6 +346,8 @@ def rl_step(step: int, model, task, cfg: TrainConfig, optimizer, gens: dict[str,
         dh_jvp = float(jvp_prediction(model, packed, theta, delta, T, o.micro_batch or B)[mask].double().sum())
     del theta
 
+    eos = tok.eos_token_id
+    truncated = torch.tensor([not r or r[-1] != eos for r in sb.response_ids], dtype=torch.float64)
     record = dict(
         step=step, method=cfg.method, seed=cfg.seed,
         reward_mean=float(rewards.double().mean()), accuracy=float(correct.double().mean()),
@@ -231,9 +357,8 @@ def rl_step(step: int, model, task, cfg: TrainConfig, optimizer, gens: dict[str,
         quadrant=mx.quadrant_table(quadrant, mask, preds["omega_paper"], dh_measured),
         dh_pred={**{k: float(v[mask].sum()) for k, v in preds.items()}, "dh_jvp": dh_jvp},
         dh_measured=float(dh_measured[mask].sum()), loss=sum(losses) / len(losses),
+        truncated_frac=float(truncated.mean()), sampling=sb.sampling,
     )
-    rollouts = _rollouts_frame(step, cfg.prompts_per_step, sample_problems, texts, rewards, group,
-                               sample_prompt_ids, response_ids, old_logp, mask, correct)
+    rollouts = _rollouts_frame(step, cfg.prompts_per_step, sb.problems, sb.texts, rewards, group,
+                               sb.prompt_ids, sb.response_ids, old_logp, mask, correct)
     return StepResult(record=record, rollouts=rollouts)
-
-

@@ -19,9 +19,9 @@ import importlib
 import math
 import os
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -189,18 +189,20 @@ def _evaluate(vals: list[int], ops: list[str]) -> int:
 
 
 class GSM8KTask:
-    """GSM8K problems for a chat model (the bundled SmolLM2-135M-Instruct).
+    """Math word problems for a chat model (the bundled SmolLM2-135M-Instruct, or any chat model).
 
-    Problems come from ``path`` (columns ``problem``, ``answer``) or a verl-schema parquet
-    (``extra_info.raw_problem``, ``reward_model.ground_truth``). The first ``eval_size`` rows are the
-    eval set, the rest the training prompts. Reward: :func:`entropy_lens.rewards.get_reward_fn`
-    (``math`` or ``dapo``) with the ``pm1`` or ``01`` convention.
+    Problems come from ``path`` (:func:`load_gsm8k_problems`: columns ``problem``, ``answer``, or a
+    verl-schema parquet such as DAPO-Math-17k, gsm8k_test, math500); ``name`` is ``gsm8k`` (default
+    file: the shipped problems) or ``math`` (any file, ``path`` required). The first ``eval_size``
+    unique problems are the eval set, the rest the training prompts. Reward:
+    :func:`entropy_lens.rewards.get_reward_fn` (``math`` or ``dapo``) with the ``pm1`` or ``01``
+    convention.
     """
 
-    name = "gsm8k"
-
     def __init__(self, tokenizer, path: str | None = None, eval_size: int = 8, reward: str = "math",
-                 convention: str = "pm1", instruction: str | None = None, max_new_tokens: int = 128):
+                 convention: str = "pm1", instruction: str | None = None, max_new_tokens: int = 128,
+                 name: str = "gsm8k"):
+        self.name = name
         from entropy_lens.io.prompts import DEFAULT_INSTRUCTION
         from entropy_lens.rewards import CONVENTIONS, get_reward_fn
 
@@ -260,25 +262,17 @@ def default_gsm8k_path() -> Path:
 
 
 def load_gsm8k_problems(path: str | Path | None = None) -> list[Problem]:
-    """Problems from a parquet with ``problem``/``answer`` columns or in verl's dataset schema."""
-    import pandas as pd
+    """Problems of a math dataset file (:func:`entropy_lens.io.datasets.load_problems`: a
+    ``problem``/``answer`` table or verl's schema, template defects handled, repeated problems
+    collapsed; problems repeated with different answers — five in DAPO-Math-17k — left out)."""
+    from entropy_lens.io.datasets import load_problems
 
     p = Path(path) if path else default_gsm8k_path()
     if not p.is_file():
         hint = f" (from {DATA_ENV}; set task.path=FILE or {DATA_ENV}=DIR)" if not path else ""
-        raise ValueError(f"{p}: no such GSM8K problem file{hint}")
-    try:
-        df = pd.read_parquet(p)
-    except Exception as exc:  # pyarrow raises several types on a corrupt file
-        raise ValueError(f"{p}: cannot read parquet ({type(exc).__name__})") from None
-    if {"problem", "answer"} <= set(df.columns):
-        texts, answers = df["problem"].astype(str).tolist(), df["answer"].astype(str).tolist()
-    elif {"extra_info", "reward_model"} <= set(df.columns):
-        texts = [str(x["raw_problem"]) for x in df["extra_info"]]
-        answers = [str(x["ground_truth"]) for x in df["reward_model"]]
-    else:
-        raise ValueError(f"{p}: expected columns problem, answer (or verl's extra_info, reward_model)")
-    return [Problem(text=t, answer=a) for t, a in zip(texts, answers)]
+        raise ValueError(f"{p}: no such problem file{hint}")
+    df = load_problems(p, conflicts="drop")
+    return [Problem(text=t, answer=a) for t, a in zip(df["problem"].tolist(), df["answer"].tolist())]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,7 +304,7 @@ def score_responses(fn: RewardFn, name: str, responses: list[str], problems: lis
     for i, (resp, prob) in enumerate(zip(responses, problems)):  # verifiers are per-sample Python code
         try:
             r = float(fn(resp, prob.answer))
-        except Exception as exc:  # noqa: BLE001 - any failure of user code becomes one clear line
+        except Exception as exc:
             raise ValueError(
                 f"reward function {name} raised {type(exc).__name__} on response {i} "
                 f"(prompt {prob.text[:40]!r}): {str(exc).splitlines()[0] if str(exc) else ''}"

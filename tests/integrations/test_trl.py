@@ -3,6 +3,7 @@ download). Skipped when TRL is not installed (CI runs it in a separate environme
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -11,11 +12,18 @@ import torch
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from entropy_lens.integrations.trl import (  # noqa: E402
+from entropy_lens.integrations.trl import (
     LOSS_TYPE_AGG,
     EntropyLensGRPOTrainer,
     trl_config_params,
 )
+from entropy_lens.methods import (
+    apply_method,
+    make_context,
+    method_loss,
+    params_from_dict,
+)
+from entropy_lens.tokens import TokenBatch
 
 WORDS = [str(i) for i in range(20)] + ["+", "-", "=", "Answer:", "the", "is", "what", "?", "so", "and"]
 
@@ -56,11 +64,12 @@ def make_trainer(tmp_path, method="steer", method_params=None, max_steps=2, **co
 
     prompts = [f"what is {a} + {b} ?" for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]]
     dataset = datasets.Dataset.from_dict({"prompt": prompts})
-    base = dict(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
-        max_steps=max_steps, learning_rate=5e-3, logging_steps=1, report_to="none", save_strategy="no",
-        use_cpu=True, bf16=False, seed=0, temperature=1.0, dataloader_num_workers=0,
-    )
+    base = {
+        "output_dir": str(tmp_path), "per_device_train_batch_size": 4, "num_generations": 4,
+        "max_completion_length": 6, "max_steps": max_steps, "learning_rate": 5e-3, "logging_steps": 1,
+        "report_to": "none", "save_strategy": "no", "use_cpu": True, "bf16": False, "seed": 0,
+        "temperature": 1.0, "dataloader_num_workers": 0,
+    }
     base.update(config)
     args = GRPOConfig(**base)
     return EntropyLensGRPOTrainer(
@@ -140,3 +149,96 @@ def test_refused_combinations(tmp_path):
     with pytest.raises(ValueError, match="unknown method"):
         make_trainer(tmp_path, method="nope", max_steps=1)
     assert set(LOSS_TYPE_AGG) == {"grpo", "bnpo", "dr_grpo", "dapo"}
+
+
+def captured_inputs(trainer):
+    """Train one step and return a copy of the first micro-batch ``_compute_loss`` received."""
+    seen = {}
+    original = trainer._compute_loss
+
+    def spy(model, inputs):
+        if not seen:
+            seen.update({k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in inputs.items()})
+        return original(model, inputs)
+
+    trainer._compute_loss = spy
+    try:
+        trainer.train()
+    finally:
+        del trainer._compute_loss
+    assert seen, "the trainer never computed a loss"
+    return seen
+
+
+def reference_loss(trainer, inputs, method, method_params, agg_mode, norm_len, drop_penalty=False):
+    """The loss of ``method`` on ``inputs`` built without the adapter: an independent forward of the
+    model (log p and H from the logits), the registry's method and its one objective."""
+    args = trainer.args
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attn = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    keep = inputs["completion_ids"].shape[1]
+    logits = trainer.model(input_ids=ids, attention_mask=attn).logits[:, -keep - 1:-1, :].float() / args.temperature
+    logq = torch.log_softmax(logits, dim=-1)
+    logp = logq.gather(-1, inputs["completion_ids"][..., None]).squeeze(-1)
+    entropy = -(logq.exp() * logq).sum(-1)
+    mask = inputs["completion_mask"].bool()
+    adv = inputs["advantages"][:, None].expand_as(logp).to(logp.dtype)
+    zeros = torch.zeros_like(logp)
+    batch = TokenBatch(
+        token_ids=inputs["completion_ids"], mask=mask, logp=logp.detach(), old_logp=logp.detach(),
+        entropy=entropy.detach(), sum_p2=zeros, sum_p2_logp=zeros, adv=adv,
+        group_id=torch.zeros(mask.shape[0], dtype=torch.long), reward=torch.zeros(mask.shape[0]),
+    )
+    # the adapter's precedence: method defaults < TRL's epsilon / epsilon_high < method_params
+    params = params_from_dict(method, {**trl_config_params(method, args.epsilon, args.epsilon_high), **method_params})
+    assert params == trainer.el_params
+    terms = apply_method(method, batch, params, make_context(0, lr=args.learning_rate))
+    if drop_penalty:
+        terms = dataclasses.replace(terms, penalty=None)
+    loss = method_loss(terms, logp, logp.detach(), adv, mask, entropy, agg_mode=agg_mode, norm_len=norm_len)
+    return loss, terms
+
+
+@pytest.mark.parametrize(
+    "method,method_params,loss_type",
+    [
+        ("grpo", {}, "bnpo"),
+        ("steer", {"lambda_min": 0.8}, "grpo"),
+        ("entropy_bonus", {"beta": 0.05}, "dr_grpo"),
+    ],
+)
+def test_adapter_loss_and_gradient_equal_method_loss(tmp_path, method, method_params, loss_type):
+    """On a captured micro-batch, the adapter's loss and its gradient w.r.t. every parameter equal
+    ``method_loss`` of the registry's terms, computed from an independent forward."""
+    trainer = make_trainer(tmp_path, method=method, method_params=method_params, max_steps=1,
+                           loss_type=loss_type, beta=0.0, gradient_accumulation_steps=1)
+    inputs = captured_inputs(trainer)
+    assert inputs.get("old_per_token_logps") is None  # on-policy: old log p = current log p
+    assert trainer.current_gradient_accumulation_steps == 1
+    model = trainer.model
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    loss = trainer._compute_loss(model, inputs)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    agg = LOSS_TYPE_AGG[loss_type]
+    norm_len = trainer.args.max_completion_length if agg == "seq-mean-token-sum-norm" else None
+    ref, terms = reference_loss(trainer, inputs, method, method_params, agg, norm_len)
+    ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
+
+    assert torch.isfinite(ref) and float(loss) == pytest.approx(float(ref), rel=1e-5, abs=1e-7)
+    total = 0.0
+    for p, g, r in zip(params, grads, ref_grads):
+        g = torch.zeros_like(p) if g is None else g
+        r = torch.zeros_like(p) if r is None else r
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)
+        total += float(r.pow(2).sum())
+    assert total > 1e-12  # the comparison is not between two zero gradients
+    if method == "steer":  # the weights matter on this batch: some token is down-weighted
+        assert float(terms.weight[inputs["completion_mask"].bool()].min()) < 1.0 - 1e-3
+    if method == "entropy_bonus":  # and so does the penalty: without it the gradient is another one
+        assert terms.penalty is not None
+        bare, _ = reference_loss(trainer, inputs, method, method_params, agg, norm_len, drop_penalty=True)
+        bare_grads = torch.autograd.grad(bare, params, allow_unused=True)
+        gap = sum(float((r - b).abs().sum()) for r, b in zip(ref_grads, bare_grads) if r is not None and b is not None)
+        assert gap > 1e-3 * math.sqrt(total)

@@ -302,7 +302,7 @@ def test_steer_entropy_sources():
     _, m = fn(**kw, entropy=h)
     assert m["entropy_lens/entropy_source"] == 1.0
     # paper form prefers the current entropy
-    paper = ev.register_verl_loss("el_steer_paper", "steer", {"omega": "paper"})
+    paper = ev.register_verl_loss("el_steer_paper", "steer", {"omega": "paper", "entropy": "current"})
     _, m = paper(**kw, entropy=h, old_entropy=h * 0.5)
     assert m["entropy_lens/entropy_source"] == 1.0
     # a narrower entropy (nested or shorter) is padded to log_prob's width
@@ -374,7 +374,7 @@ def test_wrapped_ppo_loss_hands_the_entropies_to_steer():
     torch.testing.assert_close(loss_v1.detach(), direct)
     # paper form inside the same wrapper reads the forward's current entropy
     cfg2 = actor_config(calculate_entropy=True, policy_loss={"loss_mode": "el_steer_paper2"})
-    ev.register_verl_loss("el_steer_paper2", "steer", {"omega": "paper"})
+    ev.register_verl_loss("el_steer_paper2", "steer", {"omega": "paper", "entropy": "current"})
     model_output, data = _engine_micro_batch(old, logp, adv, mask, h_old, h_cur)
     loss2, _ = losses.ppo_loss(cfg2, model_output, data)
     direct2, _ = get_policy_loss_fn("el_steer_paper2")(old_log_prob=old, log_prob=logp.detach(), advantages=adv,
@@ -592,3 +592,179 @@ def test_verl_aggregate_matches_agg_loss_directly():
     with pytest.raises(ValueError, match="unknown loss_agg_mode"):
         ev.verl_aggregate(per_tok, mask, "token-median")
     assert math.isfinite(float(ev.verl_aggregate(per_tok, torch.zeros_like(mask), "seq-mean-token-sum-norm")))
+
+
+# ------------------------------------------------------------------ recipes (examples/verl/)
+
+RECIPE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples", "verl")
+RECIPES = ("grpo", "steer", "clip_cov", "kl_cov")
+RECIPE_VARIABLES = {"RECIPE_DIR": RECIPE_DIR, "MODEL_PATH": "Qwen/Qwen2.5-Math-7B", "DATA_DIR": "/data/steer",
+                    "RUN_DIR": "/runs/verl/x", "N_GPUS": "8", "N_NODES": "1", "ROLLOUT_TP": "2"}
+
+
+def recipe(method: str) -> tuple[list[str], dict[str, str]]:
+    """``(Hydra overrides, environment)`` of a recipe, read as run.sh reads its files."""
+    import re
+
+    variables = {**RECIPE_VARIABLES, "METHOD": method}
+    overrides, env = [], {}
+    for name in ("common", method):
+        with open(os.path.join(RECIPE_DIR, f"{name}.overrides"), encoding="utf-8") as f:
+            for line in (raw.strip() for raw in f):
+                if not line or line.startswith("#"):
+                    continue
+                for var, value in variables.items():
+                    line = line.replace(f"@{var}@", value)
+                assert not re.search(r"@[A-Z_]+@", line), f"{name}.overrides: unknown variable in {line}"
+                if line.startswith("env "):
+                    key, _, value = line[4:].partition("=")
+                    env[key] = value
+                else:
+                    overrides.append(line)
+    return overrides, env
+
+
+def compose_trainer_config(overrides: list[str]):
+    """verl's own trainer config (the ppo_trainer.yaml it ships) with ``overrides``, composed by Hydra
+    offline exactly as ``python -m verl.trainer.main_ppo`` composes it."""
+    import verl
+    from hydra import compose, initialize_config_dir
+
+    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        return compose(config_name="ppo_trainer", overrides=overrides)
+
+
+#: what each recipe's loss must resolve to (the STEER paper's setting; Cui et al.'s 7B Clip-/KL-Cov)
+RECIPE_PARAMS = {
+    "grpo": {"eps_low": 0.2, "eps_high": 0.28, "dual_clip": 10.0},
+    "steer": {"eps_low": 0.2, "eps_high": 0.28, "dual_clip": 10.0, "lambda_min": 0.8, "mapping": "exp",
+              "omega": "code", "scope": "micro"},
+    "clip_cov": {"eps_low": 0.2, "eps_high": 0.28, "dual_clip": 10.0, "clip_ratio": 2e-4, "lb": 1.0, "ub": 5.0},
+    "kl_cov": {"k": 2e-3, "beta": 1.0},
+}
+
+
+@pytest.mark.parametrize("method", RECIPES)
+def test_recipe_composes_with_verls_config_and_builds_our_loss(method):
+    from verl.utils.config import omega_conf_to_dataclass, validate_config
+
+    overrides, env = recipe(method)
+    cfg = compose_trainer_config(overrides)  # a misspelt key fails here (see the test below)
+    validate_config(cfg, use_reference_policy=False, use_critic=False)  # verl's own batch-size checks
+    # the paper's setting, as verl will read it
+    actor = cfg.actor_rollout_ref.actor
+    assert (cfg.data.train_batch_size, cfg.actor_rollout_ref.rollout.n) == (512, 8)
+    assert (actor.ppo_mini_batch_size, actor.ppo_micro_batch_size_per_gpu, actor.use_dynamic_bsz) == (32, 8, False)
+    assert (cfg.data.max_prompt_length, cfg.data.max_response_length) == (1024, 3072)
+    assert (actor.optim.lr, actor.use_kl_loss, actor.entropy_coeff, actor.loss_agg_mode) == (1e-6, False, 0, "token-mean")
+    assert (cfg.actor_rollout_ref.rollout.temperature, cfg.trainer.total_training_steps) == (1.0, 200)
+    assert cfg.algorithm.adv_estimator == "grpo" and cfg.algorithm.use_kl_in_reward is False
+    assert cfg.trainer.rollout_data_dir == "/runs/verl/x/rollouts"
+    assert env["VERL_USE_EXTERNAL_MODULES"] == "entropy_lens.integrations.verl"
+    assert cfg.ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES == "entropy_lens.integrations.verl"
+    assert os.path.isfile(cfg.reward.custom_reward_function.path)
+    # the actor config verl's workers build, and our loss from it
+    actor_cfg = omega_conf_to_dataclass(actor)
+    loss_mode = actor_cfg.policy_loss.loss_mode
+    assert loss_mode == f"el_{method}"
+    registered = get_policy_loss_fn(loss_mode)
+    assert isinstance(registered, ev.VerlPolicyLoss) and registered.method == method
+    loss = ev.VerlPolicyLoss(method, ev.params_from_env(env).get(method))  # as install() registers it
+    params = loss.resolve_params(actor_cfg).to_dict()
+    for key, value in RECIPE_PARAMS[method].items():
+        assert params[key] == pytest.approx(value) if isinstance(value, float) else params[key] == value, key
+    old, logp, adv, mask = random_batch(3, off_policy=0.1)
+    h_old = torch.rand(mask.shape, generator=torch.Generator().manual_seed(4)) * 3.0
+    with ev.entropy_scope(old=h_old):
+        value, metrics = loss(old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask,
+                              loss_agg_mode=actor_cfg.loss_agg_mode, config=actor_cfg, rollout_is_weights=None)
+    assert torch.isfinite(value) and value.requires_grad
+    if method == "steer":
+        assert metrics["entropy_lens/weight_min"] == pytest.approx(0.8, abs=1e-6)
+
+
+def test_recipe_key_typo_fails_composition():
+    from hydra.errors import ConfigCompositionException
+
+    overrides, _ = recipe("steer")
+    with pytest.raises(ConfigCompositionException, match="clip_ratio_hgh"):
+        compose_trainer_config([*overrides, "actor_rollout_ref.actor.clip_ratio_hgh=0.28"])
+
+
+def test_recipe_run_script_passes_exactly_the_parsed_overrides():
+    import shlex
+
+    env = dict(os.environ, DRY_RUN="1", **{k: v for k, v in RECIPE_VARIABLES.items() if k != "RECIPE_DIR"})
+    res = subprocess.run(["bash", os.path.join(RECIPE_DIR, "run.sh"), "steer", "trainer.total_training_steps=2"],
+                         check=False, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    *env_lines, command = res.stdout.strip().splitlines()
+    overrides, recipe_env = recipe("steer")
+    assert shlex.split(command) == ["python3", "-m", "verl.trainer.main_ppo", *overrides, "trainer.total_training_steps=2"]
+    assert dict(line.split("=", 1) for line in env_lines) == recipe_env
+    bad = subprocess.run(["bash", os.path.join(RECIPE_DIR, "run.sh"), "stear"], check=False, env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+def test_recipe_reward_grades_train_and_eval_answers():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recipe_reward", os.path.join(RECIPE_DIR, "reward.py"))
+    reward = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reward)
+    assert reward.compute_score("math_dapo", "so the sum is \\boxed{34}", "34") == 1.0
+    assert reward.compute_score("math_dapo", "Answer: 35", "34") == -1.0
+    assert reward.compute_score("math500", "so \\boxed{\\frac{1}{2}}", "0.5") == 1.0
+    assert reward.compute_score("aime_2024_dapo_boxed", "Answer: 7", "8") == -1.0
+
+
+# ----------------------------------------------------------------- methods added after the first set
+
+
+@pytest.mark.parametrize("method", ["gspo", "gppo", "adaptive_entropy", "psr_only", "kl_ref"])
+def test_new_methods_through_verl_equal_the_registry_loss_or_refuse(method):
+    cfg = actor_config(clip_ratio_c=10.0)
+    old, logp, adv, mask = random_batch(7, off_policy=0.3)
+    h = (torch.rand(mask.shape, generator=torch.Generator().manual_seed(7)) * 2.0).requires_grad_()
+    ref = (old + 0.2).detach()
+    fn = get_policy_loss_fn(f"el_{method}")
+    kw = dict(old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask, config=cfg, entropy=h)
+    if method == "psr_only":  # verl passes no rewards to policy losses
+        with pytest.raises(RuntimeError, match="needs per-response rewards"):
+            fn(**kw)
+        return
+    if method == "kl_ref":  # nor reference log-probs: refused unless a direct caller passes them
+        with pytest.raises(RuntimeError, match=r"needs reference log-probs \(ref_logp\).*use_kl_loss"):
+            fn(**kw)
+        kw["ref_log_prob"] = ref
+    loss, metrics = fn(**kw)
+    params = fn.resolve_params(cfg)
+    batch = _token_batch(old, logp, adv, mask, h.detach()).replace(ref_logp=ref if method == "kl_ref" else None)
+    terms = apply_method(method, batch, params)
+    expected = method_loss(terms, logp, old, adv, mask, h)
+    torch.testing.assert_close(loss, expected)
+    assert torch.isfinite(loss) and all(math.isfinite(v) for v in metrics.values())
+
+
+def test_w_reinforce_under_verl_needs_the_grpo_advantage_mode():
+    cfg = actor_config()
+    old, logp, adv, mask = random_batch(8)
+    kw = dict(old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask, config=cfg)
+    with pytest.raises(RuntimeError, match="w_reinforce.advantage=grpo"):
+        get_policy_loss_fn("el_w_reinforce")(**kw)
+    loss, _ = ev.VerlPolicyLoss("w_reinforce", {"advantage": "grpo"})(**kw)
+    assert torch.isfinite(loss)
+
+
+def test_steer_current_entropy_option_reads_the_current_entropy():
+    cfg = actor_config()
+    old, logp, adv, mask = random_batch(9)
+    h = torch.rand(mask.shape, generator=torch.Generator().manual_seed(9)) * 2.0
+    kw = dict(old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask, config=cfg)
+    cur = ev.VerlPolicyLoss("steer", {"entropy": "current"})
+    _, m = cur(**kw, entropy=h, old_entropy=h * 0.5)
+    assert m["entropy_lens/entropy_source"] == 1.0
+    _, m = get_policy_loss_fn("el_steer")(**kw, entropy=h, old_entropy=h * 0.5)
+    assert m["entropy_lens/entropy_source"] == 2.0  # the default: H_old, whichever ω form

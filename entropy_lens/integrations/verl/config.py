@@ -44,7 +44,9 @@ def verl_config_params(method: str, config: Any) -> dict[str, Any]:
 
     - ``eps_low`` ← ``clip_ratio_low`` (else ``clip_ratio``), ``eps_high`` ← ``clip_ratio_high``
       (else ``clip_ratio``), ``dual_clip`` ← ``clip_ratio_c`` — only for methods that keep GRPO's
-      default for that bound (``clip_higher`` keeps its ε_high = 0.28, ``kl_cov`` its "no clip");
+      default for that bound (``clip_higher`` and ``steer`` keep their ε_high = 0.28, ``gspo`` its
+      ε 3e-4/4e-4 and no dual clip, ``kl_cov`` its "no clip"); ``log_ratio_clamp`` has no verl key
+      (verl clamps at 20 itself);
     - ``clip_cov``: ``clip_ratio``/``lb``/``ub`` ← ``policy_loss.clip_cov_ratio``/``clip_cov_lb``/
       ``clip_cov_ub`` (a fraction in both);
     - ``kl_cov``: ``k`` ← ``policy_loss.kl_cov_ratio`` (a fraction), ``beta`` ← ``policy_loss.ppo_kl_coef``.

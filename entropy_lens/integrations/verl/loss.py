@@ -145,14 +145,18 @@ class VerlPolicyLoss:
         *,
         entropy: torch.Tensor | None = None,
         old_entropy: torch.Tensor | None = None,
+        ref_log_prob: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """verl's policy-loss signature; ``[B, T]`` tensors, returns ``(loss, metrics)``.
 
         ``entropy`` (current H, with grad for ``entropy_bonus``) and ``old_entropy`` (H_old), in
-        nats, default to what the enclosing :func:`entropy_scope` published.
+        nats, default to what the enclosing :func:`entropy_scope` published. ``ref_log_prob``:
+        log π_ref of the sampled tokens, for methods that need it (``kl_ref``); verl does not pass
+        it to policy losses, so only direct callers can.
         """
         mask = response_mask.bool()
         params = self.resolve_params(config)
+        self._check_inputs(params, ref_log_prob)
         published = _ENTROPY.get()
         cur = entropy if entropy is not None else (published.current if published else None)
         old = old_entropy if old_entropy is not None else (published.old if published else None)
@@ -176,6 +180,7 @@ class VerlPolicyLoss:
             adv=advantages.detach(),
             group_id=torch.zeros(B, dtype=torch.long, device=mask.device),
             reward=torch.zeros(B, device=mask.device),
+            ref_logp=None if ref_log_prob is None else _fit_width(ref_log_prob.detach(), log_prob),
         )
         lr = float(_cfg(_cfg(config, "optim"), "lr", 1e-6))
         terms = get_method(self.method)(batch, params, MethodContext(generator=self._gen(), lr=lr))
@@ -190,6 +195,23 @@ class VerlPolicyLoss:
         loss = verl_aggregate(per_tok, mask, loss_agg_mode, _cfg(config, "global_batch_info", {}))
         metrics = self._metrics(batch, terms, sel, source)
         return loss, metrics
+
+    def _check_inputs(self, params: Any, ref_log_prob: torch.Tensor | None) -> None:
+        """Refuse methods whose required inputs verl's loss call cannot supply (one line each)."""
+        required = get_method(self.method).required_inputs(params)
+        name = f"{LOSS_PREFIX}{self.method}"
+        if "reward" in required:
+            hint = f" or set {self.method}.advantage=grpo" if hasattr(params, "advantage") else ""
+            raise RuntimeError(
+                f"{name} needs per-response rewards, which verl does not pass to policy losses; "
+                f"use another method{hint}"
+            )
+        if "ref_logp" in required and ref_log_prob is None:
+            raise RuntimeError(
+                f"{name} needs reference log-probs (ref_logp), which verl does not pass to policy losses; "
+                "use verl's own KL loss instead (actor.use_kl_loss=True, actor.kl_loss_type=k1|low_var_kl, "
+                "actor.kl_loss_coef)"
+            )
 
     @torch.no_grad()
     def _metrics(self, batch: TokenBatch, terms: Any, sel: torch.Tensor | None, source: float) -> dict[str, float]:
