@@ -116,7 +116,9 @@ def run_stages(out: Path, model, tok, rollouts, rollouts_path: Path, lr: float, 
     long_df, csummary = compare_methods(vtokens, list_methods(), {}, lr=lr, seed=seed)
     atomic_write_parquet(out / "validate" / "compare" / "compare.parquet", long_df)
     atomic_write_json(out / "validate" / "compare" / "summary.json", csummary)
-    console.print(f"[bold]4. compared[/] {len(list_methods())} methods on the same tokens")
+    skipped = csummary["skipped"]
+    note = f" ({', '.join(skipped)} skipped: {'; '.join(skipped.values())})" if skipped else ""
+    console.print(f"[bold]4. compared[/] {len(csummary['methods'])} methods on the same tokens{note}")
 
 
 def demo_batch(fresh, shipped):

@@ -91,6 +91,7 @@ def eval_command(
     device: Annotated[str, typer.Option("--device", help="cpu, or auto (a GPU when there is one).")] = "cpu",
     tag: Annotated[list[str] | None, typer.Option("--tag", help="key=value stored under summary.json's tags; repeatable.")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow loading pickle-format weights (runs code from the file).")] = False,
+    logger: Annotated[list[str] | None, typer.Option("--logger", help="also log the results to: tensorboard (OUT/tensorboard/, at the checkpoint's step tag or 0)")] = None,
 ) -> None:
     """Sample k answers per unique problem, grade them, and report avg@k and unbiased pass@k
     (resumable: a rerun with the same options continues where it stopped)."""
@@ -98,6 +99,8 @@ def eval_command(
     from entropy_lens.pipelines.evaluate import EvalSettings, checkpoint_tags
 
     dataset, tag = list(dataset or []), list(tag or [])
+    for name in logger or []:
+        check_choice("--logger", name, ("tensorboard",))
     check_eval_options(dataset, k, temperature, top_p, max_new_tokens, reward, limit, batch_size, device)
     names = dataset_names(dataset)
     tags = parse_tags(tag)
@@ -114,8 +117,26 @@ def eval_command(
             mdl, tok = load_checkpoint("--model", model, allow_pickle)
             mdl = mdl.to(pick_device(device))
         summary = evaluate_into(out, mdl, tok, problems, settings, model_id, tags, options)
+        if logger:
+            log_tensorboard(out, summary)
     print_summary(summary)
     console.print(f"wrote {out}/eval.parquet, {out}/summary.json")
+
+
+def log_tensorboard(out: Path, summary: dict) -> None:
+    """Every dataset's avg@k, pass@k, mean length and truncated share as TensorBoard scalars
+    (``<dataset>/pass_at_k/4``) at the model's ``step`` tag (0 without one)."""
+    from entropy_lens.tensorboard import TensorBoardLog
+
+    try:
+        step = int(summary.get("tags", {}).get("step", 0))
+    except (TypeError, ValueError):
+        step = 0
+    tb = TensorBoardLog(out / "tensorboard")
+    try:
+        tb.log({"step": step, **summary["datasets"]})
+    finally:
+        tb.close()
 
 
 def pick_device(device: str) -> str:

@@ -59,7 +59,7 @@ def clipped_surrogate(
     adv: torch.Tensor,
     eps_low: float | torch.Tensor = 0.2,
     eps_high: float | torch.Tensor = 0.2,
-    dual_clip: float | None = 3.0,
+    dual_clip: float | None = 10.0,
     *,
     log_ratio_clamp: float | None = None,
     ratio_level: str = "token",

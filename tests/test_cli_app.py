@@ -9,7 +9,8 @@ COMMANDS = [c.name or c.callback.__name__ for c in app.registered_commands]
 
 
 def test_all_commands_are_registered():
-    assert set(COMMANDS) == {"sample", "analyze", "validate", "compare", "methods", "train", "plot", "report", "demo", "attribute"}
+    assert set(COMMANDS) == {"sample", "analyze", "validate", "compare", "methods", "train", "plot", "report", "demo",
+                             "attribute", "eval", "table"}
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -158,3 +158,51 @@ def test_every_aggregation_by_hand():
     assert aggregate(x, one, "token-mean").item() == 2.0
     assert aggregate(x, one, "seq-mean-token-mean").item() == 2.0
     assert aggregate(x, one, "seq-mean-token-sum").item() == 2.0
+
+
+def test_zero_advantage_tokens_are_never_clipped():
+    """I_clip is about A > 0 or A < 0: a token with A = 0 keeps I_clip = 1 at any ratio; with an
+    unbounded upper clip (ε_high = inf) only the dual clip removes A < 0 tokens, never A > 0 ones."""
+    r = torch.tensor([0.1, 1.5, 5.0, 5.0, 5.0])
+    a = torch.tensor([0.0, 0.0, 0.0, 0.5, -0.5])
+    assert clip_active(r, a, EL, EH, C).tolist() == [True, True, True, False, False]
+    assert clip_active(r, a, EL, float("inf"), C).tolist() == [True, True, True, True, False]
+
+
+def test_gradient_preserving_clip_at_the_bounds_and_for_small_positive_advantages():
+    # r exactly on a bound (ε = 0: bound 1 = e^0) is not beyond it: the plain −A·r, not β times it
+    logp = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    old = torch.zeros(2, dtype=torch.float64)
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    loss = clipped_surrogate(logp, old, adv, 0.0, 0.0, None, clip_mode="gradient_preserving", beta_low=0.5, beta_high=2.0)
+    assert loss.tolist() == [-1.0, 1.0]
+    # 0 < A < 1 below 1 − ε_low is inside the clip for A > 0: −A·r with gradient −A·r
+    lp = torch.tensor([-0.5], dtype=torch.float64, requires_grad=True)
+    out = clipped_surrogate(lp, torch.zeros(1, dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64), EL, EH,
+                            None, clip_mode="gradient_preserving", beta_low=0.5)
+    (g,) = torch.autograd.grad(out.sum(), lp)
+    assert out.item() == pytest.approx(-0.5 * math.exp(-0.5)) and g.item() == pytest.approx(-0.5 * math.exp(-0.5))
+
+
+def test_log_ratio_clamp_acts_on_both_sides():
+    lp = torch.tensor([-1.0, 1.0], dtype=torch.float64, requires_grad=True)
+    out = clipped_surrogate(lp, torch.zeros(2, dtype=torch.float64), torch.tensor([1.0, -1.0], dtype=torch.float64),
+                            0.9, float("inf"), None, log_ratio_clamp=0.5)
+    (g,) = torch.autograd.grad(out.sum(), lp)
+    assert out.tolist() == pytest.approx([-math.exp(-0.5), math.exp(0.5)])
+    assert g.tolist() == [0.0, 0.0]  # clamped: no gradient
+
+
+def test_sequence_ratio_of_a_one_token_row_is_that_token():
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -9.0, -9.0]], dtype=torch.float64)
+    old = torch.tensor([[-1.5, -1.0, -3.5], [-0.25, 0.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    s = sequence_log_ratio(logp, old, mask)
+    assert s[:, 0].tolist() == pytest.approx([0.0, -0.25])
+
+
+def test_aggregate_keeps_the_loss_dtype():
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.bfloat16)
+    mask = torch.tensor([[True, False], [True, True]])
+    out = aggregate(x, mask)
+    assert out.dtype == torch.bfloat16 and out.item() == pytest.approx(8.0 / 3, rel=1e-2)

@@ -255,3 +255,29 @@ def test_measured_and_jvp_is_one_independent_sgd_step_and_restores_the_model():
     assert ("jvp", 1) in seen and jvp.shape == dh.shape
     cos = float((jvp * dh).sum() / (jvp.norm() * dh.norm()))
     assert cos > 0.95 and 0.7 < float(jvp.norm() / dh.norm()) < 1.4, (cos, jvp, dh)
+
+
+def test_measured_change_of_a_bf16_model_is_measured_in_fp32_on_both_sides():
+    """A bf16 model: the entropies before and after the step both come from the fp32 copy, so a
+    negligible step measures ΔH ≈ 0 (not the bf16 rounding of the instrumented forward), and the
+    entropy before is the fp32 copy's."""
+    model = make_model(seed=0).to(torch.bfloat16)
+    prep = prepared(n=2)
+    settings = ValidateSettings(lr=1e-9, temperature=TAU, advantage="dr_grpo", micro_batch=1, jvp=False)
+    packed, batch, _ = instrument(model, prep, settings)
+    fp32 = copy.deepcopy(model).float()
+    before = [forward_stats(fp32, p, r)[1] for p, r in zip(PROMPTS[:2], RESPONSES[:2])]
+    gap = max(float((batch.entropy[b, : len(h)].double() - h).abs().max()) for b, h in enumerate(before))
+    assert gap > 1e-4  # the bf16 forward differs from the fp32 one on this batch
+    dh, _, _, floor = measured_and_jvp(model, packed, batch, settings)
+    assert float(dh.abs().max()) < 1e-5 and floor["measuring_dtype"] == "float32"
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_truncate_keeps_the_retokenized_flag_and_accepts_no_responses():
+    for flag in (False, True):
+        cut, _ = truncate(Tokenized([[1]], [[5, 6, 7]], flag, []), None, 1)
+        assert cut.retokenized is flag and cut.response_ids == [[5]]
+    empty = Tokenized([], [], False, [])
+    same, old = truncate(empty, None, 2)
+    assert same is empty and old is None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -18,7 +17,6 @@ from typer.testing import CliRunner
 from entropy_lens.train import (
     build_config,
     check_record,
-    pass_at_k,
     read_metrics,
     train,
 )
@@ -396,17 +394,6 @@ def test_config_overrides_roundtrip():
     assert parse_set_items(["a.b = 1"]) == {"a.b": "1"}
     gsm = build_config("gsm8k-smollm2", "grpo")
     assert gsm.model.source == "bundled" and gsm.task.name == "gsm8k" and gsm.sft.steps == 0
-
-
-def test_pass_at_k_matches_the_combinatorial_formula():
-    n = torch.tensor([10, 10, 10, 5, 16])
-    c = torch.tensor([0, 3, 10, 4, 1])
-    for k in (1, 2, 5):
-        want = [1 - math.comb(int(ni - ci), k) / math.comb(int(ni), k) for ni, ci in zip(n, c)]
-        assert torch.allclose(pass_at_k(n, c, k), torch.tensor(want, dtype=torch.float64), atol=1e-12)
-    assert torch.allclose(pass_at_k(n, c, 1), c.double() / n.double())
-    with pytest.raises(ValueError, match="at least 8 samples"):
-        pass_at_k(n, c, 8)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,8 +31,11 @@ QUADRANT_LABELS = {
 
 #: Colours for curves that are not a plain registered method (e.g. "steer, λ_min=0.7").
 EXTRA_COLORS = ("#000000", "#8c1c13", "#1b7837", "#542788", "#b35806", "#01665e", "#c51b7d", "#4d4d4d")
-#: matplotlib's tab10 cycle: one colour per registered method (registry order).
+#: matplotlib's tab10 cycle, then the dark shades of tab20b: one colour per registered method
+#: (registry order), 20 distinct colours before any repeats.
 TAB10 = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+METHOD_PALETTE = TAB10 + ("#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#5254a3", "#8ca252", "#bd9e39",
+                          "#ad494a", "#a55194")
 
 #: Points drawn per scatter panel at most (a seeded random subset; statistics use every token).
 MAX_POINTS = 20000
@@ -51,9 +54,9 @@ def method_colors(methods: Iterable[str]) -> dict[str, str]:
     extra = 0
     for m, b in zip(names, base):
         if m in order:
-            out[m] = TAB10[order.index(m) % len(TAB10)]
+            out[m] = METHOD_PALETTE[order.index(m) % len(METHOD_PALETTE)]
         elif b in order and base.count(b) == 1:
-            out[m] = TAB10[order.index(b) % len(TAB10)]
+            out[m] = METHOD_PALETTE[order.index(b) % len(METHOD_PALETTE)]
         else:
             out[m] = EXTRA_COLORS[extra % len(EXTRA_COLORS)]
             extra += 1

@@ -17,10 +17,10 @@ from entropy_lens.train.config import (
     validate_config,
 )
 from entropy_lens.train.loop import TrainingDiverged, load_run_config, rl_step, train
+from entropy_lens.passk import pass_at_k
 from entropy_lens.train.metrics import (
     METRIC_KEYS,
     check_record,
-    pass_at_k,
     read_metrics,
 )
 

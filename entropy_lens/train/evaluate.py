@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from entropy_lens.model.generate import generate
-from entropy_lens.train import metrics as mx
+from entropy_lens.passk import pass_at_k_table
 from entropy_lens.train.config import (
     TrainConfig,
 )
@@ -46,8 +46,8 @@ def eval_pass_at_k(model, task, cfg: TrainConfig) -> dict[str, float]:
                            cfg.rollout.gen_batch, cfg.rollout.temperature, seed=stream_seed(cfg.seed, "eval"))
     correct = torch.tensor([
         task.reward(task.decode(r), problems[i].answer) == task.correct for i, r in samples
-    ], dtype=torch.float64).reshape(len(problems), n)
-    return mx.pass_at_k_table(torch.full((len(problems),), float(n)), correct.sum(-1), ks)
+    ], dtype=torch.int64).reshape(len(problems), n)
+    return pass_at_k_table([n] * len(problems), correct.sum(-1).numpy(), ks)
 
 
 def dev_accuracy(model, task, problems: list[Problem], batch_size: int) -> float:

@@ -66,7 +66,7 @@ from entropy_lens.train.step import rl_step
 from entropy_lens.train.tasks import (
     resolve_reward,
 )
-from entropy_lens.train.tensorboard import TensorBoardLog
+from entropy_lens.tensorboard import TensorBoardLog
 from entropy_lens.train.warmup import warm_start
 
 # ---------------------------------------------------------------------------------------------

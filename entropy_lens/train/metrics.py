@@ -1,4 +1,4 @@
-"""The per-step record of ``metrics.jsonl``, pass@k, and reading/writing the log.
+"""The per-step record of ``metrics.jsonl`` and reading/writing the log (pass@k: :mod:`entropy_lens.passk`).
 
 One JSON object per RL step, exactly these keys (:data:`METRIC_KEYS`) plus the optional
 ``eval_accuracy``, ``pass_at_k``, ``truncated_frac`` (share of responses that hit the length limit)
@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -117,33 +116,6 @@ def make_record(**values: Any) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown metrics keys: {sorted(unknown)}")
     return rec
-
-
-# ---------------------------------------------------------------------------------------------
-# pass@k
-# ---------------------------------------------------------------------------------------------
-
-
-def pass_at_k(n: torch.Tensor, c: torch.Tensor, k: int) -> torch.Tensor:
-    """Unbiased pass@k per problem (Chen et al. 2021, arXiv 2107.03374):
-
-    pass@k = 1 − C(n−c, k) / C(n, k) = 1 − Π_{i=0}^{k−1} (n−c−i)/(n−i),
-
-    ``n`` samples of which ``c`` are correct (``[P]`` ints, k ≤ n). 1 where n − c < k.
-    """
-    n = n.to(torch.float64)
-    c = c.to(torch.float64)
-    if bool((n < k).any()):
-        raise ValueError(f"pass@{k} needs at least {k} samples per problem")
-    ratio = torch.ones_like(n)
-    for i in range(k):  # loop over k, not over problems
-        ratio = ratio * torch.clamp(n - c - i, min=0.0) / (n - i)
-    return 1.0 - ratio
-
-
-def pass_at_k_table(n: torch.Tensor, c: torch.Tensor, ks: Iterable[int]) -> dict[str, float]:
-    """``{"1": mean pass@1, "2": ...}`` over problems."""
-    return {str(k): float(pass_at_k(n, c, k).mean()) for k in ks}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""TensorBoard event files beside ``metrics.jsonl`` (``log.tensorboard``; the ``tensorboard`` extra).
+"""TensorBoard event files beside a run's own logs (the ``tensorboard`` extra): the trainer's
+``metrics.jsonl`` records (``--logger tensorboard`` / ``log.tensorboard``) and ``eval``'s summary.
 
-Every numeric value of a step's record becomes one scalar, nested keys joined with ``/``
-(``dh_pred/dh_jvp``, ``quadrant/Q1/dh_measured``, ``pass_at_k/4``), at the record's step.
+Every numeric value of a record becomes one scalar, nested keys joined with ``/``
+(``dh_pred/dh_jvp``, ``quadrant/Q1/dh_measured``, ``gsm8k_test/pass_at_k/4``), at the record's step.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class TensorBoardLog:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # pragma: no cover - depends on the environment
             raise ValueError(
-                "log.tensorboard needs the tensorboard package: pip install 'entropy-lens[tensorboard]'"
+                "--logger tensorboard needs the tensorboard package: pip install 'entropy-lens[tensorboard]'"
             ) from None
         self._writer = SummaryWriter(log_dir=str(folder), purge_step=purge_step)
 
