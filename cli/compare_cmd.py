@@ -174,18 +174,19 @@ def methods() -> None:
     default, factors touched, inputs required beyond the batch (reward, ref_logp)."""
     table = Table(title="entropy_lens methods", show_lines=True)
     table.add_column("method", no_wrap=True)
-    table.add_column("summary")
-    table.add_column("parameters (defaults)", no_wrap=True)
-    table.add_column("source of the default")
-    table.add_column("factors")
-    table.add_column("needs")
+    table.add_column("summary", ratio=2)
+    table.add_column("parameter = default: source of the default", ratio=3)
+    table.add_column("factors", max_width=14)
+    table.add_column("needs", max_width=9)
     for name in list_methods():
         spec = get_method(name)
         sources = params_sources(name)
-        rows = params_table(name)
-        table.add_row(name, spec.summary, "\n".join(f"{k}={v}" for k, v in rows),
-                      "\n".join(sources[k] or "-" for k, _ in rows), ", ".join(spec.factors) or "-",
-                      ", ".join(spec.needs) or "-")
+        params = Table.grid(padding=(0, 1))  # one line per parameter, its source beside it
+        params.add_column(no_wrap=True)
+        params.add_column()
+        for k, v in params_table(name):
+            params.add_row(f"{k}={v}", sources[k] or "-")
+        table.add_row(name, spec.summary, params, ", ".join(spec.factors) or "-", ", ".join(spec.needs) or "-")
     console.print(table)
 
 
