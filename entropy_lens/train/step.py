@@ -228,12 +228,16 @@ def _sample_round(model, task, cfg: TrainConfig, gens: dict[str, torch.Generator
     response_ids = [r for _, r in samples]
     texts = [task.decode(r) for r in response_ids]
     reward_name, reward_fn = reward
-    rewards = torch.tensor(score_responses(reward_fn, reward_name, texts, sample_problems), dtype=torch.float64)
+    scores = score_responses(reward_fn, reward_name, texts, sample_problems)
+    if reward_fn == task.reward:  # the task's own verifier: its scores already say which are correct
+        correct = torch.tensor([r == task.correct for r in scores])
+    else:
+        correct = torch.tensor([task.reward(t, p.answer) == task.correct for t, p in zip(texts, sample_problems)])
+    rewards = torch.tensor(scores, dtype=torch.float64)
     if cfg.task.overlong_buffer > 0:
         shaping = overlong_penalty([len(r) for r in response_ids], task.max_new_tokens, cfg.task.overlong_buffer,
                                    cfg.task.overlong_penalty)
         rewards = rewards + torch.tensor(shaping, dtype=torch.float64)
-    correct = torch.tensor([task.reward(t, p.answer) == task.correct for t, p in zip(texts, sample_problems)])
     return Sampled(sample_problems, [prompt_ids[i] for i, _ in samples], response_ids, texts,
                    rewards.float(), correct, group)
 
