@@ -1,8 +1,8 @@
 """Experiment grid of the reference trainer on ``arithmetic-tiny`` (docs/trainer.md).
 
 Settings: grpo, clip_higher, entropy_bonus, clip_cov, kl_cov, steer (λ_min 0.8); the extreme clip
-setting (ε_low 0.99, ε_high 5) for grpo and steer; STEER λ_min ∈ {0.6, 0.7, 0.9}; each for every
-seed. Every run is one ``entropy-lens train`` process (one CPU thread); finished runs are skipped
+setting (ε_low 0.99, ε_high 5) for grpo and steer; STEER λ_min ∈ {0.6, 0.7, 0.9}; STEER with ω from
+the LM-head kernel score (``steer_lm_head``, ``method.omega=lm_head``); each for every seed. Every run is one ``entropy-lens train`` process (one CPU thread); finished runs are skipped
 and interrupted ones resumed, so the script can be re-run at any time. Runs go in :data:`ORDER`
 (grpo and steer for every seed first). Then it writes
 
@@ -44,10 +44,12 @@ SETTINGS: dict[str, tuple[str, list[str], str]] = {
     "steer_lmin0.6": ("steer", ["method.lambda_min=0.6"], "lambda_min"),
     "steer_lmin0.7": ("steer", ["method.lambda_min=0.7"], "lambda_min"),
     "steer_lmin0.9": ("steer", ["method.lambda_min=0.9"], "lambda_min"),
+    "steer_lm_head": ("steer", ["method.omega=lm_head"], "omega"),
 }
 #: run order: the core comparison first, so a grid cut short still answers it with every seed
 ORDER = (
     ("grpo", "steer"),
+    ("steer_lm_head",),
     ("clip_higher", "entropy_bonus", "clip_cov", "kl_cov"),
     ("grpo_extreme", "steer_extreme"),
     ("steer_lmin0.6", "steer_lmin0.7", "steer_lmin0.9"),

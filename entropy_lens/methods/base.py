@@ -35,9 +35,10 @@ GRPO_DUAL_CLIP = 10.0
 LOG_RATIO_CLAMP = 20.0
 
 #: Inputs beyond the always-present TokenBatch fields a method may require (``MethodSpec.needs``):
-#: real per-response rewards (``reward``; framework adapters have none) and the reference
-#: policy's log-probs (``ref_logp``).
-INPUTS = ("reward", "ref_logp")
+#: real per-response rewards (``reward``; framework adapters have none), the reference
+#: policy's log-probs (``ref_logp``) and the LM-head kernel score (``omega_lm_head``, from the
+#: final hidden states; STEER's ``omega=lm_head``).
+INPUTS = ("reward", "ref_logp", "omega_lm_head")
 
 #: Sources of the shared clip parameters' defaults (``MethodParams.SOURCES``).
 CLIP_SOURCES = {
@@ -405,9 +406,9 @@ class MethodSpec:
         return tuple(narrow()) if callable(narrow) else self.needs
 
     def missing_inputs(self, batch: TokenBatch, params: Any = None) -> tuple[str, ...]:
-        """The required inputs ``batch`` lacks (``ref_logp`` None); ``reward`` always counts as
+        """The required inputs ``batch`` lacks (its optional field is None); ``reward`` always counts as
         present in a TokenBatch (adapters that have no rewards check ``required_inputs``)."""
-        return tuple(n for n in self.required_inputs(params) if n == "ref_logp" and batch.ref_logp is None)
+        return tuple(n for n in self.required_inputs(params) if n != "reward" and getattr(batch, n) is None)
 
     def __call__(self, batch: TokenBatch, params: Any, ctx: MethodContext) -> MethodTerms:
         if not isinstance(params, self.params):

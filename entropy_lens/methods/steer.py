@@ -9,6 +9,12 @@ Score ω (``omega``):
 - ``paper`` (Theorem 1 of v4): ω = −r·A·p(1−p)·(log p + H), i.e. Ω of
   :func:`entropy_lens.estimators.omega_paper` *without* the constant η/L (with η/L every |Ω|
   would sit far below the 0.02 floor and the weights would all be ≈ 1) and without I_clip;
+- ``lm_head`` (a package variant, docs/attribution.md §5): ω = the batch's ``omega_lm_head``, the
+  first-order entropy change of the token when the LM head alone takes the SGD step of the whole
+  batch (eq. 8 there, without η/L), with the true kernel h_k·h_j between tokens instead of the
+  own-token tabular form. It counts the effect of every other token's update through the head, the
+  best of the cheap estimators measured on the bundled model. Needs the input ``omega_lm_head``
+  (the trainer computes it at θ_old once per step; ``compare`` reads it from the table when present);
 - ``use_iclip``: multiply ω by I_clip (computed with the method's own clip bounds) for either form.
 
 Entropy (``entropy``): ``old`` (default, the reference code) reads H_old from
@@ -61,7 +67,7 @@ OMEGA_FLOOR = 0.02
 #: λ_max of the linear mapping when not given (released script range [0.8, 1.2]).
 LINEAR_LAMBDA_MAX = 1.2
 MAPPINGS = ("exp", "linear", "binary")
-OMEGA_FORMS = ("code", "paper")
+OMEGA_FORMS = ("code", "paper", "lm_head")
 ENTROPY_SOURCES = ("old", "current")
 _REF = "STEER reference code/scripts (arXiv 2510.10150)"
 
@@ -74,7 +80,7 @@ class SteerParams(ClipParams):
     SOURCES: ClassVar[dict[str, str]] = {
         "eps_high": "STEER reference run_exp.sh / run_linear.sh, clip_ratio_high = 0.28 (arXiv 2510.10150)",
         "mapping": f"{_REF}: exp",
-        "omega": f"{_REF}: the code form of ω",
+        "omega": f"{_REF}: the code form of ω (lm_head: package variant, docs/attribution.md)",
         "use_iclip": f"{_REF}: no I_clip in ω",
         "lambda_min": "STEER released run script: 0.8 (paper v4: 0.7)",
         "lambda_max": "STEER run_linear.sh range [0.8, 1.2] (linear); 1 for exp/binary",
@@ -111,6 +117,9 @@ class SteerParams(ClipParams):
         elif self.mapping == "linear" and self.lambda_min > LINEAR_LAMBDA_MAX:
             raise ValueError(f"lambda_min must be <= lambda_max={LINEAR_LAMBDA_MAX}, got {self.lambda_min!r}")
 
+    def required_inputs(self) -> tuple[str, ...]:
+        return ("omega_lm_head",) if self.omega == "lm_head" else ()
+
     @property
     def resolved_lambda_max(self) -> float:
         if self.lambda_max is not None:
@@ -127,13 +136,19 @@ def steer_omega(
     iclip: torch.Tensor,
     form: str = "code",
     use_iclip: bool = False,
+    lm_head: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """STEER score ω per token (see module docstring); ``iclip`` is I_clip (bool or 0/1)."""
+    """STEER score ω per token ``[B, T]`` (see module docstring); ``iclip`` is I_clip (bool or
+    0/1); ``lm_head``: the LM-head kernel score ``[B, T]`` (nats per unit η/L), read by ``lm_head``."""
     check_choice("omega", form, OMEGA_FORMS)
     if form == "code":
         om = omega_code(logp, old_logp, entropy, adv)
-    else:
+    elif form == "paper":
         om = omega_paper(logp, entropy, adv, ratio, 1.0, lr=1.0, n_tokens=1)
+    else:
+        if lm_head is None:
+            raise ValueError("omega='lm_head' needs the LM-head kernel score (TokenBatch.omega_lm_head), which this batch lacks")
+        om = lm_head.detach().to(logp.dtype)
     if use_iclip:
         om = om * iclip.to(om.dtype)
     return om
@@ -187,6 +202,7 @@ def steer_entropy(batch: TokenBatch, source: str = "old") -> torch.Tensor:
     summary="weight each token by lambda in [lambda_min, 1] from its predicted entropy change (STEER, arXiv 2510.10150)",
     factors=("clip", "advantage", "probability", "entropy"),
     params=SteerParams,
+    needs=("omega_lm_head",),
 )
 def steer(batch: TokenBatch, params: SteerParams, ctx: MethodContext) -> MethodTerms:
     mask = batch.mask
@@ -201,6 +217,7 @@ def steer(batch: TokenBatch, params: SteerParams, ctx: MethodContext) -> MethodT
         iclip,
         params.omega,
         params.use_iclip,
+        batch.omega_lm_head,
     )
     seq_scope = ctx.scope_ids(params.scope, mask.shape[0])
     lam = steer_weights(

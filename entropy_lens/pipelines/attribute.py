@@ -30,6 +30,7 @@ from entropy_lens.model.forward import (
     response_stats,
     scatter_rows,
 )
+from entropy_lens.model.head import final_hidden, head_weights
 from entropy_lens.model.jvp import jvp_prediction
 from entropy_lens.model.load import set_attention
 from entropy_lens.model.update import (
@@ -265,24 +266,23 @@ SPLIT_FUNCTIONS = {"layer": group_split, "kind": partial(group_split, kind="kind
 
 @torch.no_grad()
 def lm_head_columns(model, packed: PackedBatch, cols: dict, batch: TokenBatch, s: AttributeSettings) -> dict:
-    """``dh_lm_head`` and ``dh_self_kernel`` ``[B, T]`` (nats, eq. 8–9) from the final hidden states
+    """``dh_lm_head`` and ``dh_self_kernel`` ``[B, T]`` (nats, eq. 8–9) and ``omega_lm_head`` (eq. 8
+    per unit η/L, the input of STEER's ``omega=lm_head``) from the final hidden states
     (one decoder forward, ``micro_batch`` sequences at a time); ``{}`` when the head soft-caps its
     logits (the closed forms assume a linear head)."""
     if getattr(model.config, "final_logit_softcapping", None):
         return {}
-    B = packed.mask.shape[0]
-    hidden = torch.cat([response_hidden(model, packed.select(slice(i, i + s.micro_batch))) for i in range(0, B, s.micro_batch)])
-    head = model.get_output_embeddings()
-    weight = head.weight.detach()
-    bias = head.bias.detach() if getattr(head, "bias", None) is not None else None
-    hidden = hidden.to(weight.dtype)
+    hidden = final_hidden(model, packed, s.micro_batch)
+    weight, bias = head_weights(model)
     m = batch.mask
     coef = (cols["clip_active"].to(batch.adv.dtype) * batch.adv * cols["ratio"])[m]
     ids = packed.response_ids[m]
     dh = att.dh_lm_head(hidden, weight, bias, ids, coef, s.lr, batch.n_tokens, s.temperature, s.chunk_rows)
     sq = (hidden.double() ** 2).sum(-1) + (1.0 if bias is not None else 0.0)
     self_k = att.dh_self_kernel(cols["dh_all_logit"].double()[m], sq, s.temperature)
-    return {"dh_lm_head": scatter_rows(dh.double(), m), "dh_self_kernel": scatter_rows(self_k, m)}
+    omega = dh.double() * (max(batch.n_tokens, 1) / s.lr)  # per unit η/L: STEER's omega=lm_head (model/head.py)
+    return {"dh_lm_head": scatter_rows(dh.double(), m), "dh_self_kernel": scatter_rows(self_k, m),
+            "omega_lm_head": scatter_rows(omega, m)}
 
 
 def lm_head_timed(model, packed: PackedBatch, cols: dict, batch: TokenBatch, s: AttributeSettings) -> tuple[dict, float]:

@@ -45,6 +45,7 @@ from entropy_lens.methods import (
     get_method,
     params_from_dict,
 )
+from entropy_lens.model.head import check_linear_head
 from entropy_lens.model.update import make_optimizer, trainable_params
 from entropy_lens.train import checkpoint as ckpt
 from entropy_lens.train import metrics as mx
@@ -169,6 +170,8 @@ def train(
         if last is None:
             model, tok, task = load_model_and_task(cfg)
             _check_task_size(cfg, task)
+            if "omega_lm_head" in get_method(cfg.method).required_inputs(method_params):
+                check_linear_head(model, f"{cfg.method} with omega=lm_head")
             reward = (reward_fn.__name__, reward_fn) if reward_fn else resolve_reward(cfg.task.reward, task)
             out.mkdir(parents=True, exist_ok=True)
             _write_config(out, cfg, set_items)

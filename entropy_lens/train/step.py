@@ -14,6 +14,7 @@ from entropy_lens import estimators as est
 from entropy_lens.advantages import broadcast_to_tokens, compute_advantages
 from entropy_lens.methods import (
     apply_method,
+    get_method,
     make_context,
     method_loss,
 )
@@ -23,6 +24,7 @@ from entropy_lens.model.forward import (
     response_logp_entropy,
     response_stats,
 )
+from entropy_lens.model.head import lm_head_score
 from entropy_lens.model.jvp import jvp_prediction
 from entropy_lens.model.update import snapshot, trainable_params
 from entropy_lens.objective import aggregate
@@ -108,12 +110,14 @@ def update_minibatch(
     where: str,
     old_entropy: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
+    omega_lm_head: torch.Tensor | None = None,
 ) -> UpdateOut:
     """One optimizer step on one mini-batch through the chosen method and the one objective.
 
     The method sees the mini-batch's current statistics (log p, H, Σp², Σp² log p at θ before this
     update; no grad) with the recorded ``old_logp``, ``old_entropy`` (H_old, recorded with the old
-    log-probs), ``ref_logp`` (the reference policy's, for KL methods) and advantages; micro-batches of
+    log-probs), ``ref_logp`` (the reference policy's, for KL methods), ``omega_lm_head`` (the
+    LM-head kernel score at θ_old, for STEER's ``omega=lm_head``) and advantages; micro-batches of
     ``optim.micro_batch`` sequences accumulate gradients. Raises :class:`TrainingDiverged` on a
     non-finite loss or gradient norm (before the optimizer step).
     """
@@ -125,7 +129,7 @@ def update_minibatch(
     batch = TokenBatch(
         token_ids=packed.response_ids, mask=mask, logp=stats["logp"], old_logp=old_logp, entropy=stats["entropy"],
         sum_p2=stats["sum_p2"], sum_p2_logp=stats["sum_p2_logp"], adv=adv, group_id=group_id, reward=reward,
-        meta={"temperature": T}, old_entropy=old_entropy, ref_logp=ref_logp,
+        meta={"temperature": T}, old_entropy=old_entropy, ref_logp=ref_logp, omega_lm_head=omega_lm_head,
     )
     ctx = replace(make_context(0, o.lr, batch_size=B, micro_batch_size=micro), generator=method_gen)
     terms = apply_method(cfg.method, batch, method_params, ctx)
@@ -318,6 +322,9 @@ def rl_step(step: int, model, task, cfg: TrainConfig, optimizer, gens: dict[str,
     ref_logp = None
     if ref_model is not None:
         ref_logp = response_stats(ref_model, packed, T, micro_batch=o.micro_batch or B)["logp"]
+    omega_lm_head = None  # the LM head's kernel score of the whole batch at θ_old (r = 1: c_k = A_k)
+    if "omega_lm_head" in get_method(cfg.method).required_inputs(method_params):
+        omega_lm_head = lm_head_score(model, packed, adv, T, o.micro_batch or B).to(old_logp.dtype)
 
     # 4. updates: ppo_epochs × mini_batches optimizer steps (sequences shuffled first with mix_groups)
     theta = snapshot(model)
@@ -333,7 +340,8 @@ def rl_step(step: int, model, task, cfg: TrainConfig, optimizer, gens: dict[str,
                                  rewards[rows], cfg, method_params, gens["method"],
                                  where=f"step {step}, epoch {epoch + 1}, mini-batch {j + 1}",
                                  old_entropy=old["entropy"][rows],
-                                 ref_logp=None if ref_logp is None else ref_logp[rows])
+                                 ref_logp=None if ref_logp is None else ref_logp[rows],
+                                 omega_lm_head=None if omega_lm_head is None else omega_lm_head[rows])
             for k in preds:
                 preds[k][rows] += u.preds[k].double()
             weights.append(u.weights)

@@ -212,6 +212,11 @@ class VerlPolicyLoss:
                 "use verl's own KL loss instead (actor.use_kl_loss=True, actor.kl_loss_type=k1|low_var_kl, "
                 "actor.kl_loss_coef)"
             )
+        if "omega_lm_head" in required:
+            raise RuntimeError(
+                f"{name} with omega=lm_head needs the LM-head kernel score (final hidden states of the "
+                "whole batch), which verl does not pass to policy losses; use omega=code or omega=paper"
+            )
 
     @torch.no_grad()
     def _metrics(self, batch: TokenBatch, terms: Any, sel: torch.Tensor | None, source: float) -> dict[str, float]:
