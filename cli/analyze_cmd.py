@@ -18,9 +18,14 @@ from entropy_lens_cli.common import (
     default_rollouts,
     input_id,
     load_checkpoint,
-    prepare_out_dir,
-    stage_progress,
     write_run,
+)
+from entropy_lens_cli.placement import (
+    prepare_rank_out_dir,
+    quiet_status,
+    rank_progress,
+    rank_session,
+    resolve_placement,
 )
 
 
@@ -37,24 +42,34 @@ def analyze(
     shard_size: int = typer.Option(64, "--shard-size", help="Sequences per resumable shard."),
     micro_batch: int = typer.Option(4, "--micro-batch"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle-format weights (runs code from the file)."),
+    device: str = typer.Option("auto", "--device", help="auto (a GPU when one is visible, else cpu), cpu, cuda or cuda:N; under torchrun each rank uses cuda:LOCAL_RANK."),
+    dtype: str = typer.Option("auto", "--dtype", help="Model dtype: auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16. Statistics are reduced in float32."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Write the figures the run supports into OUT/figures."),
     out: Path = typer.Option(..., "--out", "-o"),
 ) -> None:
     """Per-token statistics, estimators and quadrants of a checkpoint on rollouts (resumable);
-    tokens.parquet, summary.json and figures/ (PNG + CSV) in OUT."""
+    tokens.parquet, summary.json and figures/ (PNG + CSV) in OUT. Under
+    ``torchrun --nproc-per-node N --no-python entropy-lens analyze ...`` the shards are split
+    across the N ranks and rank 0 writes the same run as one process."""
+    from entropy_lens import dist
     from entropy_lens.io import rollouts as ro
     from entropy_lens.pipelines.analyze import AnalyzeSettings
 
     check_analyze_options(reward, lr, temperature, eps_low, eps_high, advantage, shard_size, micro_batch)
+    device, dtype = resolve_placement(device, dtype)
     src = rollouts if rollouts is not None else default_rollouts()
     options = {"model": input_id(model, "bundled"), "next_model": input_id(next_model, ""), "rollouts": input_id(src, ""),
                "reward": reward, "lr": lr, "temperature": temperature, "eps_low": eps_low, "eps_high": eps_high,
-               "advantage": advantage, "shard_size": shard_size}
+               "advantage": advantage, "shard_size": shard_size, "dtype": dtype}
     settings = AnalyzeSettings(lr=lr, temperature=temperature, eps_low=eps_low, eps_high=eps_high,
                                advantage=advantage, micro_batch=micro_batch, shard_size=shard_size)
-    with prepare_out_dir(out, "analyze", options):
-        frame = with_rewards(ro.load_rollouts(src), reward, src)
-        summary = analyze_into(out, frame, src, model, next_model, settings, allow_pickle, options)
+    with rank_session(device) as ranks, prepare_rank_out_dir(out, "analyze", options, ranks):
+        with dist.agreed(ranks):
+            frame = with_rewards(ro.load_rollouts(src), reward, src)
+        placement = {"device": device, "dtype": dtype}
+        summary = analyze_into(out, frame, src, (model, next_model), settings, allow_pickle, options, placement, ranks)
+        if not ranks.is_main:
+            return
         print_analysis(summary)
         console.print(f"wrote {out}/tokens.parquet, {out}/summary.json")
         if figures:
@@ -94,28 +109,38 @@ def with_rewards(frame, reward: Optional[str], src: Path):
     return frame
 
 
-def analyze_into(out: Path, frame, src: Path, model: Optional[str], next_model: Optional[str], settings,
-                 allow_pickle: bool, options: dict) -> dict:
-    """Load the checkpoint(s), run the analysis (shards in OUT/shards) and write the run; returns
-    the summary."""
+def analyze_into(out: Path, frame, src: Path, models: tuple[Optional[str], Optional[str]], settings,
+                 allow_pickle: bool, options: dict, placement: dict, ranks) -> dict | None:
+    """Load the checkpoint(s) (``models``: ``--model``, ``--next-model``) on ``placement``'s device
+    and dtype, run the analysis (shards in OUT/shards; this rank's share of them) and, on rank 0,
+    write the run; returns the summary there (None on the other ranks)."""
+    from entropy_lens import dist
     from entropy_lens.pipelines.analyze import check_same_vocab, run_analyze
 
+    model, next_model = models
     t0 = time.time()
-    with console.status("loading model"):
-        mdl, tok = load_checkpoint("--model", model, allow_pickle)
+    with dist.agreed(ranks), quiet_status(ranks, "loading model"):
+        mdl, tok = load_checkpoint("--model", model, allow_pickle, placement["dtype"], placement["device"])
         nxt = None
         if next_model is not None:
-            nxt, _ = load_checkpoint("--next-model", next_model, allow_pickle)
+            nxt, _ = load_checkpoint("--next-model", next_model, allow_pickle, placement["dtype"], placement["device"])
             check_same_vocab(mdl, nxt, str(next_model))
-    n_tok = estimate_tokens(frame, tok)
-    with stage_progress({"tokens": n_tok}) as advance:
-        tokens, summary = run_analyze(mdl, tok, frame, settings, out / "shards", next_model=nxt,
-                                      model_names=(str(model or "bundled"), str(next_model or "")),
-                                      source=str(src), progress=advance)
+    mine = dist.shard_indices(-(-len(frame) // settings.shard_size), ranks.rank, ranks.world_size)
+    rows = [i for k in mine for i in range(k * settings.shard_size, min((k + 1) * settings.shard_size, len(frame)))]
+    n_tok = estimate_tokens(frame.iloc[rows], tok)
+    stage = "tokens" if not ranks.distributed else f"tokens (rank 0 of {ranks.world_size})"
+    with rank_progress(ranks, {stage: n_tok}) as advance:
+        result = run_analyze(mdl, tok, frame, settings, out / "shards", next_model=nxt,
+                             model_names=(str(model or "bundled"), str(next_model or "")),
+                             source=str(src), progress=lambda _, n: advance(stage, n), ranks=ranks)
+    if result is None:
+        return None
+    tokens, summary = result
     summary.update(model=str(model or "bundled:smollm2-135m-instruct"), next_model=next_model, rollouts=str(src),
-                   wall_seconds=round(time.time() - t0, 1))
+                   **placement, wall_seconds=round(time.time() - t0, 1))
     write_run(out, tokens, summary, {"command": "analyze", "model": summary["model"], "next_model": next_model,
-                                     "rollouts": str(src), **summary["settings"]}, options)
+                                     "rollouts": str(src), **placement, "world_size": ranks.world_size,
+                                     **summary["settings"]}, options)
     return summary
 
 

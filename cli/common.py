@@ -30,6 +30,7 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperCommand
 
+from entropy_lens.dist import RankFailed, env_ranks
 from entropy_lens.io.tables import first_line
 
 console = Console()
@@ -147,11 +148,34 @@ def report_bug(exc: BaseException, debug: bool) -> None:
     ``--debug``); exits with :data:`EXIT_BUG`."""
     if debug:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    hint = "" if debug else " (--debug shows the traceback)"
+    fail(f"{rank_prefix()}{bug_line(exc)}{hint}", EXIT_BUG)
+
+
+def bug_line(exc: BaseException) -> str:
+    """``internal error at FILE:LINE: Type: message — this is a bug ...`` for an unexpected error."""
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
-    hint = "" if debug else " (--debug shows the traceback)"
-    fail(f"internal error{where}: {type(exc).__name__}: {first_line(exc)} — this is a bug in entropy-lens; "
-         f"please report this with the command you ran to the project's issue tracker{hint}", EXIT_BUG)
+    return (f"internal error{where}: {type(exc).__name__}: {first_line(exc)} — this is a bug in entropy-lens; "
+            "please report this with the command you ran to the project's issue tracker")
+
+
+def rank_prefix() -> str:
+    """``rank R of N: `` when the command runs as one of several processes (torchrun), else empty."""
+    try:
+        rank, world, _ = env_ranks()
+    except ValueError:
+        return ""
+    return f"rank {rank} of {world}: " if world > 1 else ""
+
+
+def describe_failure(exc: BaseException) -> tuple[str, int]:
+    """How a rank's failure is told to the others (:func:`entropy_lens.dist.agree`): the line and
+    exit code this boundary would give it."""
+    if isinstance(exc, click.exceptions.Exit):
+        return f"stopped (exit {exc.exit_code})", exc.exit_code or EXIT_BUG
+    message = expected_error(exc)
+    return (message, EXIT_USAGE) if message is not None else (bug_line(exc), EXIT_BUG)
 
 
 _INTERRUPT_REPORTED = False
@@ -181,12 +205,18 @@ def error_boundary(debug: bool = False) -> Iterator[None]:
     except KeyboardInterrupt:
         report_interrupt()
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    except RankFailed as exc:  # several processes: rank 0 reports what every rank agreed on
+        if debug and exc.__cause__ is not None:
+            traceback.print_exception(type(exc.__cause__), exc.__cause__, exc.__cause__.__traceback__, file=sys.stderr)
+        if exc.agreed and exc.rank != 0:
+            raise typer.Exit(exc.exit_code) from None
+        fail(str(exc), exc.exit_code)
     except Exception as exc:  # noqa: BLE001 - the boundary: sort expected failures from bugs
         message = expected_error(exc)
         if message is not None:
             if debug:
                 traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-            fail(message)
+            fail(rank_prefix() + message)
         report_bug(exc, debug)
 
 
@@ -314,24 +344,28 @@ def run_config(config: dict, options: dict | None, versions: dict) -> dict:
     return out
 
 
-#: ``--dtype`` choices; ``auto`` is float32 on the CPU (bfloat16 where a GPU path exists).
+#: ``--dtype`` choices; ``auto`` is bfloat16 on a GPU and float32 on the CPU.
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def resolve_dtype(dtype: str) -> str:
-    """``--dtype`` to a dtype name (``auto`` → ``float32``: every command runs on the CPU)."""
+def resolve_dtype(dtype: str, device: str = "cpu") -> str:
+    """``--dtype`` to a dtype name: ``auto`` is ``bfloat16`` on a GPU (``device`` ``cuda...``),
+    ``float32`` on the CPU."""
     check_choice("--dtype", dtype, DTYPES)
-    return "float32" if dtype == "auto" else dtype
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if str(device).startswith("cuda") else "float32"
 
 
-def load_checkpoint(option: str, path: str | None, allow_pickle: bool = False, dtype: str = "float32"):
+def load_checkpoint(option: str, path: str | None, allow_pickle: bool = False, dtype: str = "float32",
+                    device: str = "cpu"):
     """``(model, tokenizer)`` of ``--model``/``--next-model`` (:func:`entropy_lens.model.load.load_model`;
-    None: the bundled model) in ``dtype``; a failure the loader does not name (e.g. a corrupt
-    safetensors file) is named by the option."""
+    None: the bundled model) in ``dtype`` on ``device``; a failure the loader does not name (e.g. a
+    corrupt safetensors file) is named by the option."""
     from entropy_lens.model.load import ModelLoadError, load_model
 
     try:
-        return load_model(path, dtype=dtype, allow_pickle=allow_pickle)
+        return load_model(path, dtype=dtype, allow_pickle=allow_pickle, device=device)
     except ModelLoadError:
         raise
     except Exception as exc:  # only expected failures are renamed; bugs pass on

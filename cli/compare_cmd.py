@@ -37,6 +37,7 @@ from entropy_lens_cli.common import (
     prepare_out_dir,
     recorded,
 )
+from entropy_lens_cli.placement import resolve_placement
 
 
 def parse_overrides(items: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
@@ -78,6 +79,8 @@ def compare(
     rollouts: Annotated[Optional[Path], typer.Option("--rollouts", "-r", help="with --measure: the rollouts TOKENS was computed from")] = None,
     optimizer: Annotated[str, typer.Option("--optimizer", help="with --measure: sgd or adamw")] = "sgd",
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="with --measure: allow loading pickle-format weights (runs code from the file)")] = False,
+    device: Annotated[str, typer.Option("--device", help="with --measure: auto or cpu (the measuring step runs on the CPU so far)")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="with --measure: model dtype auto (float32 on the CPU), float32, bfloat16 or float16; low precision updates an fp32 master copy")] = "auto",
 ) -> None:
     """Predict each method's entropy change on one recorded batch (closed-form estimators)."""
     methods = list(method) if method else list_methods()
@@ -89,10 +92,12 @@ def compare(
     check_positive("--lr", lr)
     check_int("--micro-batch", micro_batch)
     check_choice("--optimizer", optimizer, ("sgd", "adamw"))
+    device, dtype = resolve_placement(device, dtype, cpu_only="compare --measure")
     options = {"tokens": input_id(tokens, ""), "method": methods, "set": list(set_ or []), "lr": lr, "seed": seed,
                "measure": measure, "micro_batch": micro_batch}
     if measure:
-        options.update(model=input_id(model, "bundled"), rollouts=input_id(rollouts, "shipped"), optimizer=optimizer)
+        options.update(model=input_id(model, "bundled"), rollouts=input_id(rollouts, "shipped"), optimizer=optimizer,
+                       dtype=dtype)
     with prepare_out_dir(out, "compare", options):
         df = read_parquet(tokens)
         try:
@@ -104,7 +109,7 @@ def compare(
         if measure:
             ran = [m for m in methods if m not in summary["skipped"]]
             long_df, summary = _measure(long_df, summary, df, ran, overrides, lr, seed,
-                                        (model, allow_pickle), rollouts, optimizer, micro_batch)
+                                        (model, allow_pickle, device, dtype), rollouts, optimizer, micro_batch)
         summary = {"command": "compare", "tokens": str(tokens), "methods_requested": methods, "overrides": overrides,
                    "options": recorded(options), "versions": versions(), **summary}
         atomic_write_files(out, {"compare.parquet": long_df, "summary.json": summary})
@@ -132,7 +137,7 @@ def _results_table(summary: dict, lr: float, measure: bool) -> Table:
 
 def _measure(long_df, summary, tokens_df, methods, overrides, lr, seed, model_spec, rollouts, optimizer, micro_batch=None):
     """Measured ΔH of one real step per method, merged into ``long_df`` and ``summary``;
-    ``model_spec``: ``(--model, --allow-pickle)``."""
+    ``model_spec``: ``(--model, --allow-pickle, device, dtype)``."""
     import numpy as np
 
     from entropy_lens.io.rollouts import load_rollouts
@@ -144,10 +149,10 @@ def _measure(long_df, summary, tokens_df, methods, overrides, lr, seed, model_sp
         stage_progress,
     )
 
-    model, allow_pickle = model_spec
+    model, allow_pickle, device, dtype = model_spec
     src = rollouts if rollouts is not None else default_rollouts()
     frame = load_rollouts(src)
-    mdl, tok = load_checkpoint("--model", model, allow_pickle)
+    mdl, tok = load_checkpoint("--model", model, allow_pickle, dtype, device)
     with stage_progress({"methods": len(methods)}) as advance:
         meas_df, totals = measure_methods(mdl, tok, frame, methods, overrides,
                                           ValidateSettings(lr=lr, optimizer=optimizer), seed, str(src), advance,
@@ -164,7 +169,7 @@ def _measure(long_df, summary, tokens_df, methods, overrides, lr, seed, model_sp
         res["sign_matches"] = {e: bool(np.sign(v) == np.sign(t["dh_measured"])) if v is not None else False
                                for e, v in res["predicted_dh"].items()}
     summary["measure"] = {"model": model or "bundled:smollm2-135m-instruct", "rollouts": str(src),
-                          "optimizer": optimizer, "lr": lr,
+                          "optimizer": optimizer, "lr": lr, "device": device, "dtype": dtype,
                           "note": "counterfactual: one step per method from the same parameters on the same batch"}
     return long_df, summary
 

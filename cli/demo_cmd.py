@@ -21,6 +21,7 @@ from entropy_lens_cli.common import (
     stage_progress,
     write_run,
 )
+from entropy_lens_cli.placement import resolve_placement
 
 
 def demo(
@@ -30,6 +31,8 @@ def demo(
     max_new_tokens: int = typer.Option(96, "--max-new-tokens"),
     lr: float = typer.Option(1e-4, "--lr", help="SGD learning rate of the validation step."),
     seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto or cpu (the validation step runs on the CPU so far)."),
+    dtype: str = typer.Option("auto", "--dtype", help="Model dtype: auto (float32 on the CPU), float32, bfloat16 or float16."),
 ) -> None:
     """Sample → analyze → validate (one real SGD step) → compare methods → figures and report, in runs/demo.
 
@@ -42,7 +45,8 @@ def demo(
     check_int("-n", n)
     check_int("--max-new-tokens", max_new_tokens)
     check_positive("--lr", lr)
-    options = {"prompts": prompts, "n": n, "max_new_tokens": max_new_tokens, "lr": lr, "seed": seed}
+    device, dtype = resolve_placement(device, dtype, cpu_only="demo")
+    options = {"prompts": prompts, "n": n, "max_new_tokens": max_new_tokens, "lr": lr, "seed": seed, "dtype": dtype}
     t0 = time.time()
     with prepare_out_dir(out, "demo", options):
         table = load_prompts("gsm8k-demo", prompts)
@@ -50,7 +54,7 @@ def demo(
             console.print(f"note: the shipped gsm8k-demo set has {len(table)} problems; using all {len(table)} "
                           f"(--prompts {prompts})", soft_wrap=True)
         with console.status("loading the bundled model (first run converts it into the cache, ~1 min)"):
-            model, tok = load_checkpoint("--model", None)
+            model, tok = load_checkpoint("--model", None, dtype=dtype, device=device)
         rollouts, rollouts_path = demo_rollouts(out, model, tok, table, n, max_new_tokens, seed, options)
         run_stages(out, model, tok, rollouts, rollouts_path, lr, seed)
         made = render_outputs(out)
@@ -94,6 +98,7 @@ def run_stages(out: Path, model, tok, rollouts, rollouts_path: Path, lr: float, 
     """analyze → validate → compare on the demo batch, each into its own sub-folder of OUT."""
     from entropy_lens.io.writers import atomic_write_json, atomic_write_parquet
     from entropy_lens.methods import list_methods
+    from entropy_lens.model.load import model_device, model_dtype
     from entropy_lens.pipelines.analyze import AnalyzeSettings, run_analyze
     from entropy_lens.pipelines.compare import compare_methods
     from entropy_lens.pipelines.validate import ValidateSettings, run_validate
@@ -102,7 +107,9 @@ def run_stages(out: Path, model, tok, rollouts, rollouts_path: Path, lr: float, 
     with stage_progress({"tokens": n_tok}) as advance:
         tokens, summary = run_analyze(model, tok, rollouts, AnalyzeSettings(lr=lr), out / "analyze" / "shards",
                                       source=str(rollouts_path), progress=advance)
-    write_run(out / "analyze", tokens, summary, {"command": "demo/analyze", "lr": lr})
+    placement = {"device": str(model_device(model)), "dtype": model_dtype(model)}
+    summary.update(placement)
+    write_run(out / "analyze", tokens, summary, {"command": "demo/analyze", "lr": lr, **placement})
     q = summary["quadrants"]
     console.print("[bold]2. analyzed[/] " + ", ".join(f"{k}: {v['token_share']:.2f}" for k, v in q.items()) + " (token shares)")
 
@@ -110,7 +117,7 @@ def run_stages(out: Path, model, tok, rollouts, rollouts_path: Path, lr: float, 
     with stage_progress({"forward": B, "update": B, "forward after": B, "jvp": B}) as advance:
         vtokens, vsummary = run_validate(model, tok, rollouts, ValidateSettings(lr=lr, optimizer="sgd"),
                                          str(rollouts_path), progress=advance)
-    write_run(out / "validate", vtokens, vsummary, {"command": "demo/validate", "lr": lr, "optimizer": "sgd"})
+    write_run(out / "validate", vtokens, vsummary, {"command": "demo/validate", "lr": lr, "optimizer": "sgd", **placement})
     console.print(estimator_table(vsummary["estimators"], f"3. ΔH estimators vs one real SGD step (lr={lr:g})"))
 
     long_df, csummary = compare_methods(vtokens, list_methods(), {}, lr=lr, seed=seed)

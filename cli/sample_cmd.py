@@ -17,6 +17,7 @@ from entropy_lens_cli.common import (
     prepare_out_file,
     stage_progress,
 )
+from entropy_lens_cli.placement import refuse_ranks, resolve_placement
 
 
 def check_top_p(option: str, value: float) -> None:
@@ -53,6 +54,8 @@ def sample(
     seed: int = typer.Option(0, "--seed"),
     batch_size: int = typer.Option(16, "--batch-size", help="Responses generated together."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle-format weights (runs code from the file)."),
+    device: str = typer.Option("auto", "--device", help="auto (a GPU when one is visible, else cpu), cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="Model dtype: auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16; old_logp is computed in float32 from the model's logits."),
     out: Path = typer.Option(..., "--out", "-o", help="Rollouts file to write (.parquet or .jsonl)."),
 ) -> None:
     """Sample real rollouts with exact token ids and behaviour log-probs, scored by a verifier."""
@@ -60,18 +63,21 @@ def sample(
     from entropy_lens.pipelines.sample import sample_rollouts
 
     check_sample_options(n, prompts, temperature, max_new_tokens, reward, convention, batch_size, top_p)
+    refuse_ranks("sample")
+    device, dtype = resolve_placement(device, dtype)
     prepare_out_file(out, (".parquet", ".jsonl"))
     table = load_prompts(dataset, prompts)
     if prompts is not None and len(table) < prompts:
         console.print(f"note: {dataset} has {len(table)} prompts; sampling all {len(table)} (--prompts {prompts})", soft_wrap=True)
     with console.status("loading model"):
-        mdl, tok = load_checkpoint("--model", model, allow_pickle)
+        mdl, tok = load_checkpoint("--model", model, allow_pickle, dtype, device)
     with stage_progress({"responses": len(table) * n}) as advance:
         frame = sample_rollouts(mdl, tok, table, n=n, temperature=temperature, max_new_tokens=max_new_tokens,
                                 seed=seed, reward=reward, convention=convention, batch_size=batch_size,
                                 progress=lambda k: advance("responses", k), top_p=top_p)
     frame.attrs["sampling"]["model"] = input_id(model, "bundled")
     frame.attrs["sampling"]["dataset"] = input_id(dataset, str(dataset))
+    frame.attrs["sampling"].update(device=device, dtype=dtype)
     write_rollout_file(out, frame)
     acc = float((frame["reward"] > 0).mean())
     nucleus = f", top-p {top_p:g}" if top_p < 1 else ""

@@ -31,6 +31,12 @@ class PackedBatch:
         """Sub-batch of sequences (trailing all-padding columns kept)."""
         return PackedBatch(*(getattr(self, f)[rows] for f in ("input_ids", "attention_mask", "response_ids", "mask", "state_pos")))
 
+    def to(self, device: torch.device | str) -> "PackedBatch":
+        """The same batch on ``device`` (itself when already there)."""
+        if self.input_ids.device == torch.device(device):
+            return self
+        return PackedBatch(*(getattr(self, f).to(device) for f in ("input_ids", "attention_mask", "response_ids", "mask", "state_pos")))
+
 
 def pack(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> PackedBatch:
     """Pack token-id lists into a right-padded :class:`PackedBatch` (prompts must be non-empty)."""

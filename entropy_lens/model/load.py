@@ -215,8 +215,10 @@ def load_model(
     dtype: str = "float32",
     attn_implementation: str = "sdpa",
     allow_pickle: bool = False,
+    device: str = "cpu",
 ):
-    """Load ``(model, tokenizer)`` in eval mode on the CPU.
+    """Load ``(model, tokenizer)`` in eval mode, in ``dtype``, on ``device`` (``cpu``, ``cuda``,
+    ``cuda:N``; the weights are read on the CPU and moved once).
 
     ``path``: HF folder, verl ``global_step_N`` folder, or None for the bundled model.
     ``attn_implementation``: "sdpa" (fast) or "eager" (needed for forward-mode AD).
@@ -240,6 +242,8 @@ def load_model(
     tok = _load_tokenizer(folder)
     model = _load_weights(folder, config, torch_dtype, attn_implementation, safe)
     model.eval()
+    if str(device) != "cpu":
+        model.to(device)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     emb = model.get_output_embeddings()
@@ -256,3 +260,17 @@ def set_attention(model, implementation: str) -> None:
         model.set_attn_implementation(implementation)
     else:  # older transformers
         model.config._attn_implementation = implementation
+
+
+def model_device(model):
+    """The ``torch.device`` of the model's first parameter (the CPU for a model without any)."""
+    import torch
+
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def model_dtype(model) -> str:
+    """The model's parameter dtype as a short name (``float32``, ``bfloat16``, ...)."""
+    p = next(model.parameters(), None)
+    return str(p.dtype).replace("torch.", "") if p is not None else "float32"

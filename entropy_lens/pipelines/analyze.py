@@ -20,12 +20,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from entropy_lens import dist
 from entropy_lens import estimators as est
 from entropy_lens.advantages import ADVANTAGES
 from entropy_lens.io.rollouts import Tokenized
 from entropy_lens.io.tables import InputError, read_json, read_parquet
 from entropy_lens.io.writers import atomic_write_json, atomic_write_parquet
 from entropy_lens.model.forward import PackedBatch, response_stats
+from entropy_lens.model.load import model_device, model_dtype
 from entropy_lens.pipelines.prepare import (
     BatchSettings,
     Prepared,
@@ -76,17 +78,20 @@ def check_same_vocab(model_a, model_b, name_b: str) -> None:
         raise InputError(f"{name_b}: vocabulary of {vb} tokens differs from the first model's {va}")
 
 
-def _fingerprint(tok: Tokenized, settings: AnalyzeSettings, models: list[str]) -> str:
+def _fingerprint(tok: Tokenized, settings: AnalyzeSettings, models: list[str], dtype: str) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([settings.temperature, settings.shard_size, models]).encode())
+    h.update(json.dumps([settings.temperature, settings.shard_size, models, dtype]).encode())
     for p, r in zip(tok.prompt_ids, tok.response_ids):
         h.update(np.asarray(p, dtype=np.int64).tobytes() + b"|" + np.asarray(r, dtype=np.int64).tobytes())
     return h.hexdigest()[:16]
 
 
 def shard_frame(model, next_model, packed: PackedBatch, start: int, settings: AnalyzeSettings) -> pd.DataFrame:
-    """Raw per-token statistics of one shard of sequences (global ``sample`` index from ``start``)."""
-    st = response_stats(model, packed, settings.temperature, micro_batch=settings.micro_batch)
+    """Raw per-token statistics of one shard of sequences (global ``sample`` index from ``start``).
+
+    The packed batch goes to each model's device once; the statistics come back as fp32 on the
+    CPU (:func:`entropy_lens.model.forward.response_stats`) and are stored as float64."""
+    st = response_stats(model, packed.to(model_device(model)), settings.temperature, micro_batch=settings.micro_batch)
     m = packed.mask
     b_idx, t_idx = torch.nonzero(m, as_tuple=True)
     cols = {
@@ -96,10 +101,58 @@ def shard_frame(model, next_model, packed: PackedBatch, start: int, settings: An
         **{k: st[k][m].double().numpy() for k in ("logp", "entropy", "sum_p2", "sum_p2_logp")},
     }
     if next_model is not None:
-        nxt = response_stats(next_model, packed, settings.temperature, micro_batch=settings.micro_batch)
+        nxt = response_stats(next_model, packed.to(model_device(next_model)), settings.temperature,
+                             micro_batch=settings.micro_batch)
         cols["entropy_next"] = nxt["entropy"][m].double().numpy()
         cols["logp_next"] = nxt["logp"][m].double().numpy()
     return pd.DataFrame(cols)
+
+
+def shard_bounds(n_sequences: int, shard_size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` sequence range of every shard, in order (shard k: ``shard_XXXXX.parquet``)."""
+    return [(start, min(start + shard_size, n_sequences)) for start in range(0, n_sequences, shard_size)]
+
+
+def shard_path(shard_dir: Path, k: int) -> Path:
+    """File of shard ``k``."""
+    return shard_dir / f"shard_{k:05d}.parquet"
+
+
+def open_shard_dir(shard_dir: Path, fingerprint: str, settings: AnalyzeSettings, models: list[str]) -> None:
+    """Check the manifest of ``shard_dir`` against this run's ``fingerprint`` (InputError: shards of
+    another run), or create the folder and write the manifest."""
+    manifest = shard_dir / "manifest.json"
+    if manifest.exists():
+        prev = read_json(manifest)
+        if prev.get("fingerprint") != fingerprint:
+            raise InputError(
+                f"{shard_dir}: holds shards of a different run (other rollouts, models or settings); "
+                "use another output folder"
+            )
+    else:
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(manifest, {"fingerprint": fingerprint, "settings": asdict(settings), "models": models})
+
+
+def compute_shards(model, next_model, prep: Prepared, settings: AnalyzeSettings, shard_dir: Path,
+                   shards: list[int], progress: Progress | None = None) -> dict[int, pd.DataFrame]:
+    """Raw statistics of the shards numbered ``shards``: read back where the file exists (resume),
+    else computed and written atomically; ``progress("tokens", n)`` after each. Returns them by
+    shard number."""
+    bounds = shard_bounds(prep.n_sequences, settings.shard_size)
+    parts = {}
+    for k in shards:
+        start, stop = bounds[k]
+        path = shard_path(shard_dir, k)
+        if path.exists():
+            part = read_parquet(path)
+        else:
+            part = shard_frame(model, next_model, prep.packed(start, stop), start, settings)
+            atomic_write_parquet(path, part)
+        parts[k] = part
+        if progress:
+            progress("tokens", int(sum(prep.lengths[start:stop])))
+    return parts
 
 
 def run_analyze(
@@ -112,44 +165,38 @@ def run_analyze(
     model_names: tuple[str, ...] = ("model",),
     source: str = "<rollouts>",
     progress: Progress | None = None,
-) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Analyze ``rollouts`` (validated frame); returns ``(tokens frame, summary)``.
+    ranks: dist.Ranks = dist.SINGLE,
+) -> tuple[pd.DataFrame, dict[str, Any]] | None:
+    """Analyze ``rollouts`` (validated frame); returns ``(tokens frame, summary)`` on rank 0 and
+    None on the other ranks.
 
-    ``progress("tokens", n)`` is called with the response tokens of each finished shard. The
-    settings are checked first (:func:`check_settings`) and ``shard_dir`` and its manifest are
-    written only once the rollouts are tokenised, so bad input leaves no files behind.
+    With several ranks (:mod:`entropy_lens.dist`), rank r computes shards r, r + N, ...; rank 0
+    checks or writes the manifest first and merges every shard file at the end, after all ranks
+    agreed that their shards are written (a failure on any rank raises
+    :class:`entropy_lens.dist.RankFailed` on all of them, before anything is merged). The merged
+    frame and summary equal a single process's; ``summary["world_size"]`` records N.
+    ``progress("tokens", n)`` is called with the response tokens of each of this rank's finished
+    shards. The settings are checked first (:func:`check_settings`) and ``shard_dir`` and its
+    manifest are written only once the rollouts are tokenised, so bad input leaves no files behind.
     """
     check_settings(settings)
-    prep = prepare(rollouts, tokenizer, source)
-    lengths = prep.lengths
-    fp = _fingerprint(prep.tok, settings, list(model_names))
-    manifest = shard_dir / "manifest.json"
-    if manifest.exists():
-        prev = read_json(manifest)
-        if prev.get("fingerprint") != fp:
-            raise InputError(
-                f"{shard_dir}: holds shards of a different run (other rollouts, models or settings); "
-                "use another output folder"
-            )
-    else:
-        shard_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(manifest, {"fingerprint": fp, "settings": asdict(settings), "models": list(model_names)})
-    B = len(lengths)
-    parts = []
-    for k, start in enumerate(range(0, B, settings.shard_size)):
-        stop = min(start + settings.shard_size, B)
-        path = shard_dir / f"shard_{k:05d}.parquet"
-        if path.exists():
-            part = read_parquet(path)
-        else:
-            part = shard_frame(model, next_model, prep.packed(start, stop), start, settings)
-            atomic_write_parquet(path, part)
-        parts.append(part)
-        if progress:
-            progress("tokens", int(sum(lengths[start:stop])))
+    with dist.agreed(ranks):
+        prep = prepare(rollouts, tokenizer, source)
+        fp = _fingerprint(prep.tok, settings, list(model_names), model_dtype(model))
+        if ranks.is_main:
+            open_shard_dir(shard_dir, fp, settings, list(model_names))
+    n_shards = len(shard_bounds(prep.n_sequences, settings.shard_size))
+    with dist.agreed(ranks):
+        mine = compute_shards(model, next_model, prep, settings, shard_dir,
+                              dist.shard_indices(n_shards, ranks.rank, ranks.world_size), progress)
+    if not ranks.is_main:
+        return None
+    parts = [mine[k] if k in mine else read_parquet(shard_path(shard_dir, k)) for k in range(n_shards)]
     raw = pd.concat(parts, ignore_index=True)
     frame, batch = finish_frame(raw, prep, settings, tokenizer)
-    return frame, summarize_analysis(frame, batch, settings, prep.tok)
+    summary = summarize_analysis(frame, batch, settings, prep.tok)
+    summary["world_size"] = ranks.world_size
+    return frame, summary
 
 
 def finish_frame(raw: pd.DataFrame, prep: Prepared, settings: AnalyzeSettings, tokenizer) -> tuple[pd.DataFrame, TokenBatch]:
