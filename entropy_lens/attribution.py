@@ -197,6 +197,59 @@ def dh_lm_head_reference(
     return -scale * (kernel * bracket * coef[None, :].to(hidden.dtype)).sum(-1)
 
 
+def head_receiver_direction(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    temperature: float = 1.0,
+    chunk_rows: int = 256,
+) -> torch.Tensor:
+    """R = Σ_j a_j h̃_jᵀ, ``[V, D(+1)]`` (eq. 11), a_j = π_j ⊙ (log π_j + H_j): every receiving
+    token's entropy gradient with respect to its logits, weighted by its hidden state; accumulated
+    over chunks of ``chunk_rows`` tokens (one ``[r, V]`` block alive). Arguments as in
+    :func:`head_update_direction`."""
+    hb = _with_bias(hidden, bias)
+    r = torch.zeros(weight.shape[0], hb.shape[1], dtype=hidden.dtype)
+    for i in range(0, hidden.shape[0], chunk_rows):
+        sl = slice(i, i + chunk_rows)
+        q, logq, ent = _chunk_softmax(hidden[sl], weight, bias, temperature)
+        r += (q * (logq + ent[:, None])).T @ hb[sl]
+    return r
+
+
+def dh_lm_head_source(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ids: torch.Tensor,
+    coef: torch.Tensor,
+    lr: float,
+    n_tokens: int,
+    temperature: float = 1.0,
+    chunk_rows: int = 256,
+) -> torch.Tensor:
+    """Source form of eq. 6, ``[N]`` (nats): the first-order change of the batch's summed entropy
+    caused by token k's own share of the LM head's SGD step — the k-th column of eq. 6 summed over
+    the receivers j,
+
+        S_k = −(η/(Lτ²)) Σ_j c_k (h̃_k·h̃_j)[a_j(y_k) − a_j·π_k]
+            = −(η/(Lτ²)) · c_k · [h̃_k·R[y_k] − π_k·(R h̃_k)]            (eq. 12)
+
+    with R of :func:`head_receiver_direction`. Σ_k S_k = Σ_j dh_lm_head_j. Two passes over chunks
+    of ``chunk_rows`` tokens, memory ``[V, D] + [r, V]``. Arguments as in :func:`dh_lm_head`."""
+    r = head_receiver_direction(hidden, weight, bias, temperature, chunk_rows)
+    hb = _with_bias(hidden, bias)
+    out = torch.empty(hidden.shape[0], dtype=hidden.dtype)
+    scale = lr / (max(int(n_tokens), 1) * temperature**2)
+    for i in range(0, hidden.shape[0], chunk_rows):
+        sl = slice(i, i + chunk_rows)
+        q, _, _ = _chunk_softmax(hidden[sl], weight, bias, temperature)
+        h = hb[sl]
+        bracket = (h * r[ids[sl]]).sum(-1) - (q * (h @ r.T)).sum(-1)
+        out[sl] = -scale * coef[sl].to(hidden.dtype) * bracket
+    return out
+
+
 def dh_self_kernel(dh_all_logit: torch.Tensor, sq_norm: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Self term with the true LM-head kernel (eq. 9), any shape (nats): the k = j term of eq. 6,
 

@@ -17,7 +17,7 @@ import torch
 #: Per-token tensor fields of a TokenBatch, in frame column order.
 TOKEN_FIELDS = ("logp", "old_logp", "entropy", "sum_p2", "sum_p2_logp", "adv")
 #: Optional per-token fields (``None`` when not recorded); frame columns of the same name.
-OPTIONAL_TOKEN_FIELDS = ("old_entropy", "ref_logp", "omega_lm_head")
+OPTIONAL_TOKEN_FIELDS = ("old_entropy", "ref_logp", "omega_lm_head", "omega_lm_head_source")
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,8 @@ class TokenBatch:
     ``ref_logp``: log π_ref(a|s) of the sampled token under the reference policy (nats; ``kl_ref``);
     ``omega_lm_head``: the LM-head kernel score of the token, the first-order entropy change of an
     SGD step of the LM head alone per unit η/L (nats; docs/attribution.md eq. 8 without η/L; STEER's
-    ``omega=lm_head`` reads it). Where the batch itself is at θ_old (analyze, compare), ``old_entropy`` equals ``entropy``.
+    ``omega=lm_head`` reads it); ``omega_lm_head_source``: the change of the batch's summed entropy
+    from this token's own share of that step (eq. 12 without η/L; ``omega=lm_head_source``). Where the batch itself is at θ_old (analyze, compare), ``old_entropy`` equals ``entropy``.
     """
 
     token_ids: torch.Tensor
@@ -51,6 +52,7 @@ class TokenBatch:
     old_entropy: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
     omega_lm_head: torch.Tensor | None = None
+    omega_lm_head_source: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         shape = tuple(self.mask.shape)
@@ -93,7 +95,7 @@ class TokenBatch:
         """Long frame: one row per valid response token.
 
         Columns: ``sample, group, pos, token_id, [token], logp, old_logp, entropy, sum_p2,
-        sum_p2_logp, adv, [old_entropy], [ref_logp], [omega_lm_head], reward`` (the optional fields when recorded)
+        sum_p2_logp, adv, [old_entropy], [ref_logp], [omega_lm_head], [omega_lm_head_source], reward`` (the optional fields when recorded)
         plus every ``extra`` ``[B, T]`` tensor under its key.
         ``token_text[b][t]`` gives the decoded text of token t of response b, if provided.
         """

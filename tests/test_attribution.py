@@ -3,6 +3,7 @@ finite-difference goldens, chunk invariance, and the LM-head-only model where eq
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -189,6 +190,15 @@ def test_estimator_rows_are_scored(tied_run):
         assert {"pcc", "srcc", "sign_agreement", "total_ratio", "cost_seconds", "cost_vs_forward_backward"} <= set(s)
         assert name in frame.columns
     assert summary["estimators"]["dh_jvp"]["pcc"] > 0.95
+
+
+def test_attribute_writes_the_steer_scores_of_both_roles(tied_run):
+    """omega_lm_head = dh_lm_head per unit η/L; the source score sums to the same batch total."""
+    frame, _, summary = tied_run
+    L, lr = summary["n_tokens"], 0.05
+    assert np.allclose(frame["omega_lm_head"] * lr / L, frame["dh_lm_head"], rtol=1e-12, atol=0)
+    assert frame["omega_lm_head_source"].sum() == pytest.approx(frame["omega_lm_head"].sum(), rel=1e-9)
+    assert not np.allclose(frame["omega_lm_head_source"], frame["omega_lm_head"])
 
 
 def test_lm_head_estimator_is_exact_when_only_the_head_trains():

@@ -72,6 +72,42 @@ def test_lm_head_score_is_the_finite_difference_of_a_head_only_sgd_step(tau):
     assert torch.allclose(lm_head_score(model, packed, coef, tau, micro_batch=5), score, rtol=1e-12, atol=1e-15)
 
 
+def test_lm_head_source_score_is_the_finite_difference_of_each_tokens_own_head_step():
+    """S_k = d/dη Σ_j H_j(W − η g_k) at η = 0, g_k = ∇_W of −c_k log p_k (token k's loss alone);
+    Σ_k S_k = Σ_j ω_j (both count the whole batch's change)."""
+    tau = 0.8
+    model = _untied(seed=5)
+    packed, coef = _packed(seed=2)
+    m = packed.mask
+    source = lm_head_score(model, packed, coef, tau, micro_batch=2, role="source")
+    receiver = lm_head_score(model, packed, coef, tau, micro_batch=2)
+    with torch.no_grad():
+        hidden = response_hidden(model, packed)
+    ids, c = packed.response_ids[m], coef[m]
+
+    def log_probs(weight: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(hidden @ weight.T / tau, dim=-1)
+
+    def total_entropy(weight: torch.Tensor) -> torch.Tensor:
+        logq = log_probs(weight)
+        return -(logq.exp() * logq).sum()
+
+    w0 = model.lm_head.weight.detach().clone()
+    eps = 1e-6
+    fd = []
+    for k in range(len(ids)):
+        w = w0.clone().requires_grad_()
+        (g,) = torch.autograd.grad(-c[k] * log_probs(w)[k, ids[k]], w)
+        fd.append(float((total_entropy(w0 - eps * g) - total_entropy(w0 + eps * g)) / (2 * eps)))
+    fd = torch.tensor(fd, dtype=torch.float64)
+    assert float(fd.abs().max()) > 1e-3
+    assert torch.allclose(source[m], fd, rtol=1e-6, atol=1e-9 * float(fd.abs().max()))
+    assert float(source[m].sum()) == pytest.approx(float(receiver[m].sum()), rel=1e-10)
+    assert not torch.allclose(source[m], receiver[m])  # the two roles rank tokens differently
+    with pytest.raises(ValueError, match="role must be one of receiver, source, got 'own'"):
+        lm_head_score(model, packed, coef, tau, micro_batch=2, role="own")
+
+
 def test_softcapped_heads_are_refused():
     model = make_model()
     model.config.final_logit_softcapping = 30.0
@@ -121,6 +157,7 @@ def test_steer_lm_head_declares_and_checks_its_input():
     lm = params_from_dict("steer", {"omega": "lm_head"})
     assert spec.required_inputs() == ()
     assert spec.required_inputs(lm) == ("omega_lm_head",)
+    assert spec.required_inputs(params_from_dict("steer", {"omega": "lm_head_source"})) == ("omega_lm_head_source",)
     b, score = _batch_with_score()
     assert spec.missing_inputs(b, lm) == ("omega_lm_head",)
     assert spec.missing_inputs(b.replace(omega_lm_head=score), lm) == ()
@@ -151,12 +188,15 @@ def test_compare_reads_the_score_from_the_table_or_skips_the_method():
     assert got.min() < 0.81  # the largest |ω| reaches λ_min
 
 
-def test_the_trainer_gives_every_mini_batch_the_theta_old_score_of_the_whole_batch(monkeypatch):
+@pytest.mark.parametrize(("omega", "field", "role"), [("lm_head", "omega_lm_head", "receiver"),
+                                                     ("lm_head_source", "omega_lm_head_source", "source")])
+def test_the_trainer_gives_every_mini_batch_the_theta_old_score_of_the_whole_batch(monkeypatch, omega, field, role):
     scores, seen = [], []
     real_score, real_apply = train_step.lm_head_score, train_step.apply_method
 
-    def spy_score(model, packed, coef, temperature, micro_batch, chunk_rows=256):
-        out = real_score(model, packed, coef, temperature, micro_batch, chunk_rows)
+    def spy_score(model, packed, coef, temperature, micro_batch, chunk_rows=256, role="receiver"):
+        assert role == expected_role
+        out = real_score(model, packed, coef, temperature, micro_batch, chunk_rows, role)
         with torch.no_grad():
             old = response_stats(model, packed, temperature, micro_batch=micro_batch)
         scores.append((out, coef, packed.mask, old["logp"]))
@@ -166,9 +206,10 @@ def test_the_trainer_gives_every_mini_batch_the_theta_old_score_of_the_whole_bat
         seen.append(batch)
         return real_apply(name, batch, params, ctx)
 
+    expected_role = role
     monkeypatch.setattr(train_step, "lm_head_score", spy_score)
     monkeypatch.setattr(train_step, "apply_method", spy_apply)
-    cfg = build_config("arithmetic-tiny", "steer", TINY + ["log.jvp_every=0", "method.omega=lm_head"],
+    cfg = build_config("arithmetic-tiny", "steer", TINY + ["log.jvp_every=0", f"method.omega={omega}"],
                        steps=1)
     with tempfile.TemporaryDirectory() as d:
         train(cfg, d)
@@ -176,7 +217,9 @@ def test_the_trainer_gives_every_mini_batch_the_theta_old_score_of_the_whole_bat
     out, coef, mask, old_logp = scores[0]
     assert float(coef[mask].abs().max()) > 0 and float(out[mask].abs().max()) > 0  # mixed rewards after the warm-up
     # c_k = A_k at θ_old, and every mini-batch reads its rows of the one score
-    got = torch.cat([b.omega_lm_head[b.mask] for b in seen]).double().sort().values
+    assert all(getattr(b, other) is None for b in seen for other in ("omega_lm_head", "omega_lm_head_source")
+               if other != field)
+    got = torch.cat([getattr(b, field)[b.mask] for b in seen]).double().sort().values
     assert torch.allclose(got, out[mask].sort().values.to(got.dtype))
     adv = torch.cat([b.adv[b.mask] for b in seen]).double().sort().values
     assert torch.allclose(adv, coef[mask].double().sort().values)

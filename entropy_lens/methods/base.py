@@ -36,9 +36,9 @@ LOG_RATIO_CLAMP = 20.0
 
 #: Inputs beyond the always-present TokenBatch fields a method may require (``MethodSpec.needs``):
 #: real per-response rewards (``reward``; framework adapters have none), the reference
-#: policy's log-probs (``ref_logp``) and the LM-head kernel score (``omega_lm_head``, from the
-#: final hidden states; STEER's ``omega=lm_head``).
-INPUTS = ("reward", "ref_logp", "omega_lm_head")
+#: policy's log-probs (``ref_logp``) and the LM-head kernel scores (``omega_lm_head``,
+#: ``omega_lm_head_source``, from the final hidden states; STEER's ``omega=lm_head`` / ``lm_head_source``).
+INPUTS = ("reward", "ref_logp", "omega_lm_head", "omega_lm_head_source")
 
 #: Sources of the shared clip parameters' defaults (``MethodParams.SOURCES``).
 CLIP_SOURCES = {

@@ -15,6 +15,9 @@ Score ω (``omega``):
   own-token tabular form. It counts the effect of every other token's update through the head, the
   best of the cheap estimators measured on the bundled model. Needs the input ``omega_lm_head``
   (the trainer computes it at θ_old once per step; ``compare`` reads it from the table when present);
+- ``lm_head_source`` (package variant): ω = ``omega_lm_head_source``, the change of the whole
+  batch's summed entropy caused by the token's own share of that head step (eq. 12 there): the
+  token's effect on every other token, which is what its weight scales;
 - ``use_iclip``: multiply ω by I_clip (computed with the method's own clip bounds) for either form.
 
 Entropy (``entropy``): ``old`` (default, the reference code) reads H_old from
@@ -67,7 +70,9 @@ OMEGA_FLOOR = 0.02
 #: λ_max of the linear mapping when not given (released script range [0.8, 1.2]).
 LINEAR_LAMBDA_MAX = 1.2
 MAPPINGS = ("exp", "linear", "binary")
-OMEGA_FORMS = ("code", "paper", "lm_head")
+OMEGA_FORMS = ("code", "paper", "lm_head", "lm_head_source")
+#: ω form -> the TokenBatch field (method input) it reads
+OMEGA_INPUTS = {"lm_head": "omega_lm_head", "lm_head_source": "omega_lm_head_source"}
 ENTROPY_SOURCES = ("old", "current")
 _REF = "STEER reference code/scripts (arXiv 2510.10150)"
 
@@ -80,7 +85,7 @@ class SteerParams(ClipParams):
     SOURCES: ClassVar[dict[str, str]] = {
         "eps_high": "STEER reference run_exp.sh / run_linear.sh, clip_ratio_high = 0.28 (arXiv 2510.10150)",
         "mapping": f"{_REF}: exp",
-        "omega": f"{_REF}: the code form of ω (lm_head: package variant, docs/attribution.md)",
+        "omega": f"{_REF}: the code form of ω (lm_head, lm_head_source: package variants, docs/attribution.md)",
         "use_iclip": f"{_REF}: no I_clip in ω",
         "lambda_min": "STEER released run script: 0.8 (paper v4: 0.7)",
         "lambda_max": "STEER run_linear.sh range [0.8, 1.2] (linear); 1 for exp/binary",
@@ -118,7 +123,7 @@ class SteerParams(ClipParams):
             raise ValueError(f"lambda_min must be <= lambda_max={LINEAR_LAMBDA_MAX}, got {self.lambda_min!r}")
 
     def required_inputs(self) -> tuple[str, ...]:
-        return ("omega_lm_head",) if self.omega == "lm_head" else ()
+        return (OMEGA_INPUTS[self.omega],) if self.omega in OMEGA_INPUTS else ()
 
     @property
     def resolved_lambda_max(self) -> float:
@@ -139,7 +144,8 @@ def steer_omega(
     lm_head: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """STEER score ω per token ``[B, T]`` (see module docstring); ``iclip`` is I_clip (bool or
-    0/1); ``lm_head``: the LM-head kernel score ``[B, T]`` (nats per unit η/L), read by ``lm_head``."""
+    0/1); ``lm_head``: the LM-head kernel score ``[B, T]`` (nats per unit η/L) that the form
+    ``lm_head`` or ``lm_head_source`` reads (the batch field :data:`OMEGA_INPUTS` names)."""
     check_choice("omega", form, OMEGA_FORMS)
     if form == "code":
         om = omega_code(logp, old_logp, entropy, adv)
@@ -147,7 +153,8 @@ def steer_omega(
         om = omega_paper(logp, entropy, adv, ratio, 1.0, lr=1.0, n_tokens=1)
     else:
         if lm_head is None:
-            raise ValueError("omega='lm_head' needs the LM-head kernel score (TokenBatch.omega_lm_head), which this batch lacks")
+            raise ValueError(f"omega={form!r} needs the LM-head kernel score (TokenBatch.{OMEGA_INPUTS[form]}), "
+                             "which this batch lacks")
         om = lm_head.detach().to(logp.dtype)
     if use_iclip:
         om = om * iclip.to(om.dtype)
@@ -202,7 +209,7 @@ def steer_entropy(batch: TokenBatch, source: str = "old") -> torch.Tensor:
     summary="weight each token by lambda in [lambda_min, 1] from its predicted entropy change (STEER, arXiv 2510.10150)",
     factors=("clip", "advantage", "probability", "entropy"),
     params=SteerParams,
-    needs=("omega_lm_head",),
+    needs=tuple(OMEGA_INPUTS.values()),
 )
 def steer(batch: TokenBatch, params: SteerParams, ctx: MethodContext) -> MethodTerms:
     mask = batch.mask
@@ -217,7 +224,7 @@ def steer(batch: TokenBatch, params: SteerParams, ctx: MethodContext) -> MethodT
         iclip,
         params.omega,
         params.use_iclip,
-        batch.omega_lm_head,
+        getattr(batch, OMEGA_INPUTS[params.omega]) if params.omega in OMEGA_INPUTS else None,
     )
     seq_scope = ctx.scope_ids(params.scope, mask.shape[0])
     lam = steer_weights(

@@ -266,8 +266,9 @@ SPLIT_FUNCTIONS = {"layer": group_split, "kind": partial(group_split, kind="kind
 
 @torch.no_grad()
 def lm_head_columns(model, packed: PackedBatch, cols: dict, batch: TokenBatch, s: AttributeSettings) -> dict:
-    """``dh_lm_head`` and ``dh_self_kernel`` ``[B, T]`` (nats, eq. 8–9) and ``omega_lm_head`` (eq. 8
-    per unit η/L, the input of STEER's ``omega=lm_head``) from the final hidden states
+    """``dh_lm_head`` and ``dh_self_kernel`` ``[B, T]`` (nats, eq. 8–9), ``omega_lm_head`` and
+    ``omega_lm_head_source`` (eq. 8 and 12 per unit η/L, the inputs of STEER's ``omega=lm_head`` /
+    ``lm_head_source``) from the final hidden states
     (one decoder forward, ``micro_batch`` sequences at a time); ``{}`` when the head soft-caps its
     logits (the closed forms assume a linear head)."""
     if getattr(model.config, "final_logit_softcapping", None):
@@ -280,9 +281,11 @@ def lm_head_columns(model, packed: PackedBatch, cols: dict, batch: TokenBatch, s
     dh = att.dh_lm_head(hidden, weight, bias, ids, coef, s.lr, batch.n_tokens, s.temperature, s.chunk_rows)
     sq = (hidden.double() ** 2).sum(-1) + (1.0 if bias is not None else 0.0)
     self_k = att.dh_self_kernel(cols["dh_all_logit"].double()[m], sq, s.temperature)
-    omega = dh.double() * (max(batch.n_tokens, 1) / s.lr)  # per unit η/L: STEER's omega=lm_head (model/head.py)
+    # per unit η/L: the inputs of STEER's omega=lm_head / lm_head_source (model/head.py)
+    omega = dh.double() * (max(batch.n_tokens, 1) / s.lr)
+    source = att.dh_lm_head_source(hidden, weight, bias, ids, coef, 1.0, 1, s.temperature, s.chunk_rows)
     return {"dh_lm_head": scatter_rows(dh.double(), m), "dh_self_kernel": scatter_rows(self_k, m),
-            "omega_lm_head": scatter_rows(omega, m)}
+            "omega_lm_head": scatter_rows(omega, m), "omega_lm_head_source": scatter_rows(source.double(), m)}
 
 
 def lm_head_timed(model, packed: PackedBatch, cols: dict, batch: TokenBatch, s: AttributeSettings) -> tuple[dict, float]:

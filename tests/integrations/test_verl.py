@@ -770,11 +770,12 @@ def test_steer_current_entropy_option_reads_the_current_entropy():
     assert m["entropy_lens/entropy_source"] == 2.0  # the default: H_old, whichever ω form
 
 
-def test_steer_with_the_lm_head_score_is_refused_under_verl():
+@pytest.mark.parametrize("omega", ["lm_head", "lm_head_source"])
+def test_steer_with_the_lm_head_score_is_refused_under_verl(omega):
     old, logp, adv, mask = random_batch(8)
     kw = dict(old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask, config=actor_config())
-    with pytest.raises(RuntimeError, match="omega=lm_head needs the LM-head kernel score"):
-        ev.VerlPolicyLoss("steer", {"omega": "lm_head"})(**kw)
+    with pytest.raises(RuntimeError, match=f"omega={omega} needs the LM-head kernel score"):
+        ev.VerlPolicyLoss("steer", {"omega": omega})(**kw)
     h = torch.rand(mask.shape, generator=torch.Generator().manual_seed(3)) * 2.0
     loss, _ = ev.VerlPolicyLoss("steer", {"omega": "paper"})(**kw, entropy=h)
     assert torch.isfinite(loss)

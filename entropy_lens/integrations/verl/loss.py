@@ -212,9 +212,9 @@ class VerlPolicyLoss:
                 "use verl's own KL loss instead (actor.use_kl_loss=True, actor.kl_loss_type=k1|low_var_kl, "
                 "actor.kl_loss_coef)"
             )
-        if "omega_lm_head" in required:
+        if {"omega_lm_head", "omega_lm_head_source"} & set(required):
             raise RuntimeError(
-                f"{name} with omega=lm_head needs the LM-head kernel score (final hidden states of the "
+                f"{name} with omega={params.omega} needs the LM-head kernel score (final hidden states of the "
                 "whole batch), which verl does not pass to policy losses; use omega=code or omega=paper"
             )
 
