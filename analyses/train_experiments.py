@@ -2,8 +2,10 @@
 
 Settings: grpo, clip_higher, entropy_bonus, clip_cov, kl_cov, steer (λ_min 0.8); the extreme clip
 setting (ε_low 0.99, ε_high 5) for grpo and steer; STEER λ_min ∈ {0.6, 0.7, 0.9}; STEER with ω from
-the LM-head kernel score (``steer_lm_head``, ``method.omega=lm_head``); each for every seed. Every run is one ``entropy-lens train`` process (one CPU thread); finished runs are skipped
-and interrupted ones resumed, so the script can be re-run at any time. Runs go in :data:`ORDER`
+the LM-head kernel scores (``steer_lm_head``: ``method.omega=lm_head``; ``steer_lm_head_source``:
+``method.omega=lm_head_source``); each for every seed. Every run is one ``entropy-lens train``
+process (one CPU thread); finished runs are skipped and interrupted ones resumed, so the script can
+be re-run at any time. Runs go in :data:`ORDER`
 (grpo and steer for every seed first). Then it writes
 
 - ``<out>/train_grid_runs.csv``: one row per run (final entropy, entropy drop, accuracies, pass@k,
@@ -45,11 +47,12 @@ SETTINGS: dict[str, tuple[str, list[str], str]] = {
     "steer_lmin0.7": ("steer", ["method.lambda_min=0.7"], "lambda_min"),
     "steer_lmin0.9": ("steer", ["method.lambda_min=0.9"], "lambda_min"),
     "steer_lm_head": ("steer", ["method.omega=lm_head"], "omega"),
+    "steer_lm_head_source": ("steer", ["method.omega=lm_head_source"], "omega"),
 }
 #: run order: the core comparison first, so a grid cut short still answers it with every seed
 ORDER = (
     ("grpo", "steer"),
-    ("steer_lm_head",),
+    ("steer_lm_head", "steer_lm_head_source"),
     ("clip_higher", "entropy_bonus", "clip_cov", "kl_cov"),
     ("grpo_extreme", "steer_extreme"),
     ("steer_lmin0.6", "steer_lmin0.7", "steer_lmin0.9"),
@@ -207,10 +210,14 @@ def curves(root: Path, seeds: list[int]) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    groups = ["methods", "extreme", "lambda_min"]
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8), sharex=True)
+    ran = set(long["setting"])
+    # one panel per group with a run of its own (grpo and steer are drawn in every panel as reference)
+    groups = [g for g in dict.fromkeys(v[2] for v in SETTINGS.values())
+              if any(SETTINGS[n][2] == g and n in ran and n not in ("grpo", "steer") for n in SETTINGS)
+              or g == "methods"]
+    fig, axes = plt.subplots(2, len(groups), figsize=(5 * len(groups), 8), sharex=True, squeeze=False)
     for j, g in enumerate(groups):
-        names = [n for n in SETTINGS if SETTINGS[n][2] == g] + (["grpo", "steer"] if g != "methods" else [])
+        names = (["grpo", "steer"] if g != "methods" else []) + [n for n in SETTINGS if SETTINGS[n][2] == g]
         for n in dict.fromkeys(names):
             sub = long[long["setting"] == n]
             if sub.empty:
