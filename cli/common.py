@@ -32,6 +32,7 @@ from typer.core import TyperCommand
 
 from entropy_lens.dist import RankFailed, env_ranks
 from entropy_lens.io.tables import first_line
+from entropy_lens.placement import DTYPES, resolve_dtype  # noqa: F401 (the options' names for the commands)
 
 console = Console()
 err_console = Console(stderr=True)
@@ -342,19 +343,6 @@ def run_config(config: dict, options: dict | None, versions: dict) -> dict:
         out["options"] = recorded(options)
     out["versions"] = versions
     return out
-
-
-#: ``--dtype`` choices; ``auto`` is bfloat16 on a GPU and float32 on the CPU.
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def resolve_dtype(dtype: str, device: str = "cpu") -> str:
-    """``--dtype`` to a dtype name: ``auto`` is ``bfloat16`` on a GPU (``device`` ``cuda...``),
-    ``float32`` on the CPU."""
-    check_choice("--dtype", dtype, DTYPES)
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if str(device).startswith("cuda") else "float32"
 
 
 def load_checkpoint(option: str, path: str | None, allow_pickle: bool = False, dtype: str = "float32",

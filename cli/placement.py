@@ -5,74 +5,23 @@ status drawn by rank 0 only (:mod:`entropy_lens.dist` holds the library side).""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from entropy_lens.dist import env_ranks
+from entropy_lens.placement import (  # noqa: F401 (the CLI's names)
+    DEVICES,
+    check_device,
+    resolve_device,
+    resolve_placement,
+)
 from entropy_lens_cli.common import (
-    DTYPES,
-    check_choice,
     console,
     describe_failure,
     prepare_out_dir,
-    resolve_dtype,
     stage_progress,
 )
-
-#: ``--device`` values: ``auto`` (a GPU when one is visible, else the CPU), ``cpu``, ``cuda``
-#: (under torchrun: ``cuda:LOCAL_RANK``), ``cuda:N``.
-DEVICES = ("auto", "cpu", "cuda", "cuda:N")
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
-
-
-def check_device(device: str) -> None:
-    """``--device`` is one of :data:`DEVICES` (``cuda:N`` with an integer N)."""
-    if not _DEVICE.match(device):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-
-
-def resolve_device(device: str) -> str:
-    """``--device`` to the device this process uses: ``cpu`` or ``cuda:I``. ``auto`` is a GPU when
-    torch sees one, else the CPU; ``cuda`` is ``cuda:LOCAL_RANK`` (0 without torchrun); under
-    torchrun every rank takes its own GPU, so ``cuda:N`` is refused there. One line (exit 2) when
-    no GPU is visible or the index is out of range. The chosen GPU becomes torch's current device."""
-    check_device(device)
-    if device == "cpu":
-        return "cpu"
-    import torch
-
-    visible = torch.cuda.is_available()
-    if device == "auto":
-        if not visible:
-            return "cpu"
-        device = "cuda"
-    if not visible:
-        raise ValueError(f"--device {device}: no GPU is visible (torch.cuda.is_available() is false); "
-                         "use --device cpu or auto")
-    _, world, local = env_ranks()
-    if device != "cuda" and world > 1:
-        raise ValueError(f"--device {device}: under torchrun every rank uses cuda:LOCAL_RANK; pass --device cuda or auto")
-    index = local if device == "cuda" else int(device.split(":")[1])
-    count = torch.cuda.device_count()
-    if index >= count:
-        what = f"LOCAL_RANK {local}" if device == "cuda" else device
-        raise ValueError(f"--device {device}: {what} but only {count} GPU(s) visible (cuda:0 to cuda:{count - 1})")
-    torch.cuda.set_device(index)
-    return f"cuda:{index}"
-
-
-def resolve_placement(device: str, dtype: str, cpu_only: str | None = None) -> tuple[str, str]:
-    """``(device, dtype)`` of ``--device`` and ``--dtype``, both checked (dtype first: it needs no
-    GPU to be refused). ``cpu_only``: the name of a command whose work does not run on a GPU yet;
-    ``auto`` is then the CPU and ``cuda``/``cuda:N`` are refused with one line naming it."""
-    check_choice("--dtype", dtype, DTYPES)
-    check_device(device)
-    if cpu_only is not None and device.startswith("cuda"):
-        raise ValueError(f"--device {device}: {cpu_only} runs on the CPU only so far; use --device cpu or auto")
-    where = "cpu" if cpu_only is not None else resolve_device(device)
-    return where, resolve_dtype(dtype, where)
 
 
 def refuse_ranks(command: str) -> None:

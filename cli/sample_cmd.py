@@ -15,9 +15,13 @@ from entropy_lens_cli.common import (
     input_id,
     load_checkpoint,
     prepare_out_file,
-    stage_progress,
 )
-from entropy_lens_cli.placement import refuse_ranks, resolve_placement
+from entropy_lens_cli.placement import (
+    quiet_status,
+    rank_progress,
+    rank_session,
+    resolve_placement,
+)
 
 
 def check_top_p(option: str, value: float) -> None:
@@ -51,38 +55,63 @@ def sample(
     max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
     reward: str = typer.Option("math", "--reward", help="Verifier: math (math-verify) or dapo."),
     convention: str = typer.Option("pm1", "--convention", help="pm1 (±1) or 01."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the per-batch random streams (batch k: its own stream)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Responses generated together."),
+    shard_batches: int = typer.Option(8, "--shard-batches", help="Batches per resumable shard (OUT.parts/); the unit split across torchrun ranks."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle-format weights (runs code from the file)."),
-    device: str = typer.Option("auto", "--device", help="auto (a GPU when one is visible, else cpu), cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", "--device", help="auto (a GPU when one is visible, else cpu), cpu, cuda or cuda:N; under torchrun each rank uses cuda:LOCAL_RANK."),
     dtype: str = typer.Option("auto", "--dtype", help="Model dtype: auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16; old_logp is computed in float32 from the model's logits."),
     out: Path = typer.Option(..., "--out", "-o", help="Rollouts file to write (.parquet or .jsonl)."),
 ) -> None:
-    """Sample real rollouts with exact token ids and behaviour log-probs, scored by a verifier."""
+    """Sample real rollouts with exact token ids and behaviour log-probs, scored by a verifier
+    (resumable: finished shards wait in OUT.parts/). Under ``torchrun --nproc-per-node N
+    --no-python entropy-lens sample ...`` the shards are split across the N ranks and rank 0
+    writes the same file as one process."""
+    from entropy_lens import dist
     from entropy_lens.io.datasets import load_prompts
-    from entropy_lens.pipelines.sample import sample_rollouts
+    from entropy_lens.pipelines.sample import (
+        SampleSettings,
+        parts_dir_for,
+        remove_parts,
+        run_sample,
+        shard_jobs,
+        shard_layout,
+    )
 
     check_sample_options(n, prompts, temperature, max_new_tokens, reward, convention, batch_size, top_p)
-    refuse_ranks("sample")
+    check_int("--shard-batches", shard_batches)
     device, dtype = resolve_placement(device, dtype)
-    prepare_out_file(out, (".parquet", ".jsonl"))
-    table = load_prompts(dataset, prompts)
-    if prompts is not None and len(table) < prompts:
-        console.print(f"note: {dataset} has {len(table)} prompts; sampling all {len(table)} (--prompts {prompts})", soft_wrap=True)
-    with console.status("loading model"):
-        mdl, tok = load_checkpoint("--model", model, allow_pickle, dtype, device)
-    with stage_progress({"responses": len(table) * n}) as advance:
-        frame = sample_rollouts(mdl, tok, table, n=n, temperature=temperature, max_new_tokens=max_new_tokens,
-                                seed=seed, reward=reward, convention=convention, batch_size=batch_size,
-                                progress=lambda k: advance("responses", k), top_p=top_p)
-    frame.attrs["sampling"]["model"] = input_id(model, "bundled")
-    frame.attrs["sampling"]["dataset"] = input_id(dataset, str(dataset))
-    frame.attrs["sampling"].update(device=device, dtype=dtype)
-    write_rollout_file(out, frame)
+    settings = SampleSettings(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+                              reward=reward, convention=convention, batch_size=batch_size, shard_batches=shard_batches)
+    with rank_session(device) as ranks:
+        with dist.agreed(ranks):
+            prepare_out_file(out, (".parquet", ".jsonl"))
+            table = load_prompts(dataset, prompts)
+        if ranks.is_main and prompts is not None and len(table) < prompts:
+            console.print(f"note: {dataset} has {len(table)} prompts; sampling all {len(table)} (--prompts {prompts})", soft_wrap=True)
+        with dist.agreed(ranks), quiet_status(ranks, "loading model"):
+            mdl, tok = load_checkpoint("--model", model, allow_pickle, dtype, device)
+        identity = {"model": input_id(model, "bundled"), "dataset": input_id(dataset, str(dataset)), "dtype": dtype,
+                    "device": device.split(":")[0]}
+        parts = parts_dir_for(out)
+        layout = shard_layout(len(table) * n, settings)
+        n_mine = sum(len(shard_jobs(layout, j, settings, len(table) * n))
+                     for j in dist.shard_indices(len(layout), ranks.rank, ranks.world_size))
+        who = "" if not ranks.distributed else f" (rank 0 of {ranks.world_size})"
+        stages = {f"responses{who}": n_mine, "tokens": None}
+        with rank_progress(ranks, stages) as advance:
+            frame = run_sample(mdl, tok, table, settings, parts, identity=identity, ranks=ranks,
+                               progress=lambda stage, k: advance(stage if stage == "tokens" else f"responses{who}", k))
+        if frame is None:
+            return
+        frame.attrs["sampling"].update(model=identity["model"], dataset=identity["dataset"], device=device, dtype=dtype)
+        write_rollout_file(out, frame)
+        remove_parts(parts)
     acc = float((frame["reward"] > 0).mean())
     nucleus = f", top-p {top_p:g}" if top_p < 1 else ""
-    console.print(f"wrote {len(frame)} rollouts ({len(table)} prompts × {n}, τ {temperature:g}{nucleus}) to {out}; "
-                  f"accuracy {acc:.3f}")
+    ranks_note = f" on {ranks.world_size} ranks" if ranks.distributed else ""
+    console.print(f"wrote {len(frame)} rollouts ({len(table)} prompts × {n}, τ {temperature:g}{nucleus}{ranks_note}) "
+                  f"to {out}; accuracy {acc:.3f}")
 
 
 def write_rollout_file(out: Path, frame) -> None:

@@ -1,7 +1,7 @@
 """``entropy-lens train``: the reference GRPO/STEER trainer (thin: parse, call the library, print).
 
     entropy-lens train --preset arithmetic-tiny --method steer [--profile paper] [--set optim.lr=1e-4 ...]
-                       [--seed S] [--steps N] [--logger tensorboard] -o DIR [--resume]
+                       [--seed S] [--steps N] [--logger tensorboard] [--device D] [--dtype T] -o DIR [--resume]
 
 Exit codes: 0 done; 2 user error (one line on stderr: unknown preset/method/key, bad value, a
 reward function that raised, a run folder in the way or being written by another command); 3 the run diverged (non-finite loss; the
@@ -25,14 +25,17 @@ from rich.progress import (
 from rich.table import Table
 
 from entropy_lens_cli.common import (
+    DTYPES,
     EXIT_DIVERGED,
     add_command,
+    check_choice,
     check_int,
     console,
     err_console,
     fail,
     prepare_out_dir,
 )
+from entropy_lens_cli.placement import check_device, refuse_ranks, resolve_placement
 
 
 def resolve_run_config(
@@ -74,15 +77,32 @@ def train(
         list[str] | None,
         typer.Option("--logger", help="extra logger beside metrics.jsonl: tensorboard (writes RUN/tensorboard/)"),
     ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option("--device", help="auto (a GPU when one is visible, else cpu), cpu, cuda or cuda:N; default: the preset's (arithmetic-tiny: cpu)"),
+    ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option("--dtype", help="auto (bfloat16 on a GPU, float32 on the CPU), float32 or bfloat16 (autocast; weights and optimizer stay float32); default: the preset's"),
+    ] = None,
 ) -> None:
     """Train with GRPO or any registered intervention and log predicted vs measured entropy change."""
+    from dataclasses import replace
+
     check_int("--steps", steps)
+    refuse_ranks("train")
+    if device is not None:
+        check_device(device)
+    if dtype is not None:
+        check_choice("--dtype", dtype, DTYPES)
     items = list(set_ or [])
     for name in logger or []:
         if name != "tensorboard":
             fail(f"--logger: unknown logger {name!r}; available: tensorboard")
         items.append("log.tensorboard=true")
+    items += [f"{key}={value}" for key, value in (("device", device), ("dtype", dtype)) if value is not None]
     cfg, overrides = resolve_run_config(preset, method, items, seed, steps, out, resume, profile)
+    cfg = replace(cfg, **dict(zip(("device", "dtype"), resolve_placement(cfg.device, cfg.dtype))))
     with prepare_out_dir(out, "train", None):
         summary = _run(cfg, out, resume, overrides)
     _print_summary(cfg, summary)

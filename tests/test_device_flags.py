@@ -82,12 +82,13 @@ def test_cuda_resolution_with_a_visible_gpu(monkeypatch):
     assert chosen == [0, 1, 1]
 
 
-def test_sample_refuses_several_ranks(tmp_path, monkeypatch):
+def test_train_refuses_several_ranks(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    res = runner.invoke(app, ["sample", "-o", str(tmp_path / "r.parquet")])
+    res = runner.invoke(app, ["train", "--preset", "arithmetic-tiny", "--method", "grpo", "-o", str(tmp_path / "run")])
     assert res.exit_code == 2
-    assert "rank 0 of 2: sample does not split its work across torchrun ranks" in _error_line(res)
+    assert "rank 0 of 2: train does not split its work across torchrun ranks" in _error_line(res)
+    assert not (tmp_path / "run").exists()
 
 
 def test_bfloat16_analyze_on_the_cpu_is_recorded_and_close_to_float32(tmp_path, tiny_model_dir):

@@ -10,6 +10,7 @@ import torch
 
 from entropy_lens.model.forward import pack, response_stats
 from entropy_lens.model.update import grpo_token_mean_loss, one_step_update, snapshot
+from entropy_lens.pipelines.prepare import token_batch
 from entropy_lens.pipelines.validate import (
     ValidateSettings,
     abs_quantiles,
@@ -17,7 +18,6 @@ from entropy_lens.pipelines.validate import (
     measuring_model,
     noise_floor,
 )
-from entropy_lens.pipelines.prepare import token_batch
 
 
 def _setup(model, seed=0):

@@ -14,7 +14,12 @@ from conftest import make_model
 from test_compare import LR, make_frame
 from test_train import TINY
 
-from entropy_lens.methods import apply_method, get_method, make_context, params_from_dict
+from entropy_lens.methods import (
+    apply_method,
+    get_method,
+    make_context,
+    params_from_dict,
+)
 from entropy_lens.model.forward import pack, response_hidden, response_stats
 from entropy_lens.model.head import check_linear_head, lm_head_score
 from entropy_lens.pipelines.compare import compare_methods

@@ -10,6 +10,7 @@ probability the trainer's loss uses, not the probability of the truncated sample
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import torch
@@ -75,32 +76,99 @@ def generate(
     check_top_p(top_p)
     if temperature is not None:
         torch.manual_seed(seed)
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     sampling = ({"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": float(top_p)}
                 if temperature is not None else {"do_sample": False})
-    device = _device_of(model)
-    jobs = [(i, p) for i, p in enumerate(prompt_ids) for _ in range(n)]
+    jobs = response_jobs(prompt_ids, n)
     out: list[dict] = []
     for k in range(0, len(jobs), batch_size):
         chunk = jobs[k : k + batch_size]
-        ids, attn = _left_padded([p for _, p in chunk], pad)
-        ids, attn = ids.to(device), attn.to(device)
-        gen = model.generate(
-            input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
-            output_logits=record_logp, return_dict_in_generate=True, **sampling,
-        )
-        seq = gen.sequences[:, ids.shape[1]:].cpu()
-        logits = torch.stack(gen.logits, dim=1).cpu() if record_logp else None  # [b, steps, V]
-        for r, (pi, p) in enumerate(chunk):
-            toks = seq[r].tolist()
-            end = toks.index(eos) + 1 if eos in toks else len(toks)
-            item = {"prompt_index": pi, "prompt_ids": list(p), "response_ids": toks[:end], "finished": eos in toks}
-            if logits is not None:
-                item["old_logp"] = logit_stats(logits[r, :end], torch.as_tensor(toks[:end]), temperature or 1.0).logp.tolist()
-            out.append(item)
+        out.extend(_generate_chunk(model, tokenizer, chunk, max_new_tokens, sampling, temperature, record_logp))
         if progress:
             progress(len(chunk))
+    return out
+
+
+def _generate_chunk(model, tokenizer, chunk: list[tuple[int, list[int]]], max_new_tokens: int, sampling: dict,
+                    temperature: float | None, record_logp: bool) -> list[dict]:
+    """One ``model.generate`` call over ``chunk`` (``(prompt_index, prompt ids)`` per response,
+    left-padded together) with the current random state. The ids and mask go to the model's device
+    once; the behaviour log-probs of the whole ``[b, steps]`` block are computed there (fp32
+    reductions, :func:`entropy_lens.logits.logit_stats`) and come back to the CPU with the ids
+    in one copy each. Returns one dict per response (see :func:`generate`)."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    device = _device_of(model)
+    ids, attn = _left_padded([p for _, p in chunk], pad)
+    ids, attn = ids.to(device), attn.to(device)
+    gen = model.generate(
+        input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
+        output_logits=record_logp, return_dict_in_generate=True, **sampling,
+    )
+    seq_dev = gen.sequences[:, ids.shape[1]:]  # [b, steps]
+    logp = None
+    if record_logp:
+        logits = torch.stack(gen.logits, dim=1)  # [b, steps, V] on the model's device
+        b, steps, v = logits.shape
+        logp = logit_stats(logits.reshape(b * steps, v), seq_dev.reshape(-1), temperature or 1.0).logp
+        logp = logp.reshape(b, steps).cpu()
+        del logits
+    seq = seq_dev.cpu()
+    items = []
+    for r, (pi, p) in enumerate(chunk):  # per response: slicing the CPU copies only
+        toks = seq[r].tolist()
+        end = toks.index(eos) + 1 if eos in toks else len(toks)
+        item = {"prompt_index": pi, "prompt_ids": list(p), "response_ids": toks[:end], "finished": eos in toks}
+        if logp is not None:
+            item["old_logp"] = logp[r, :end].tolist()
+        items.append(item)
+    return items
+
+
+def batch_seed(seed: int, k: int) -> int:
+    """The seed of batch ``k`` of a run seeded with ``seed``: the first 63 bits of
+    SHA-256(``"seed:k"``). Every batch has its own stream, so a batch's responses do not depend on
+    which batches ran before it in the same process (the property that lets ranks split the
+    batches and still produce the single-process result)."""
+    digest = hashlib.sha256(f"{int(seed)}:{int(k)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def response_jobs(prompt_ids: list[list[int]], n: int) -> list[tuple[int, list[int]]]:
+    """``(prompt_index, prompt ids)`` of every response, prompt-major: prompt i's ``n`` copies."""
+    return [(i, p) for i, p in enumerate(prompt_ids) for _ in range(n)]
+
+
+@torch.no_grad()
+def generate_batches(
+    model,
+    tokenizer,
+    jobs: list[tuple[int, list[int]]],
+    batches: list[int],
+    batch_size: int,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+    top_p: float = 1.0,
+) -> dict[int, list[dict]]:
+    """Sampled responses with behaviour log-probs for the batches numbered ``batches`` of ``jobs``
+    (:func:`response_jobs`) cut into consecutive batches of ``batch_size`` responses. Batch k is
+    generated right after ``torch.manual_seed(batch_seed(seed, k))``, so its responses depend only
+    on (seed, k, its jobs, the model and the device's arithmetic), not on the other batches: any
+    split of the batches across processes gives the same responses as one process running them
+    all. Returns ``{k: [dict per response, as sample_responses]}``; ``progress(responses,
+    tokens)`` after each batch (response tokens generated, EOS included)."""
+    if not (temperature > 0):
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_top_p(top_p)
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": float(top_p)}
+    out: dict[int, list[dict]] = {}
+    for k in batches:
+        chunk = jobs[k * batch_size : (k + 1) * batch_size]
+        torch.manual_seed(batch_seed(seed, k))
+        out[k] = _generate_chunk(model, tokenizer, chunk, max_new_tokens, sampling, temperature, True)
+        if progress:
+            progress(len(chunk), sum(len(o["response_ids"]) for o in out[k]))
     return out
 
 

@@ -5,6 +5,7 @@ steps of a tiny model on synthetic arithmetic and writes ``metrics.jsonl``, roll
 checkpoints; see docs/trainer.md.
 """
 
+from entropy_lens.passk import pass_at_k
 from entropy_lens.train.config import (
     PRESETS,
     TrainConfig,
@@ -17,7 +18,6 @@ from entropy_lens.train.config import (
     validate_config,
 )
 from entropy_lens.train.loop import TrainingDiverged, load_run_config, rl_step, train
-from entropy_lens.passk import pass_at_k
 from entropy_lens.train.metrics import (
     METRIC_KEYS,
     check_record,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -156,7 +157,11 @@ class TrainConfig:
     """One training run. ``profile``: the :data:`PROFILES` entry applied over the preset (None:
     none). ``method_params``: the method's parameter overrides as sorted pairs.
     ``threads``: torch CPU threads (None: leave as is); ``deterministic``: use
-    ``torch.use_deterministic_algorithms`` (needed for bit-identical resume)."""
+    ``torch.use_deterministic_algorithms`` (needed for bit-identical resume). ``device``: ``auto``
+    (a GPU when one is visible, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; ``dtype``: the
+    compute dtype, ``auto`` (bfloat16 on a GPU, float32 on the CPU), ``float32`` or ``bfloat16``
+    (autocast over fp32 weights: docs/trainer.md, "Device and dtype"). A run records both resolved
+    (``cpu``/``cuda:I``, ``float32``/``bfloat16``)."""
 
     preset: str
     profile: str | None = None
@@ -166,6 +171,8 @@ class TrainConfig:
     steps: int = 200
     threads: int | None = None
     deterministic: bool = True
+    device: str = "auto"
+    dtype: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -187,7 +194,10 @@ SECTIONS = ("model", "task", "sft", "rollout", "optim", "log", "checkpoint")
 TASKS = ("arithmetic", "gsm8k", "math")
 #: Where the loss is aggregated (:class:`OptimConfig`).
 AGG_SCOPES = ("micro", "mini")
-TOP_LEVEL = ("seed", "steps", "threads", "deterministic")
+TOP_LEVEL = ("seed", "steps", "threads", "deterministic", "device", "dtype")
+#: ``dtype`` values the trainer runs with (float16 would need loss scaling: not supported).
+TRAIN_DTYPES = ("auto", "float32", "bfloat16")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,10 +207,14 @@ TOP_LEVEL = ("seed", "steps", "threads", "deterministic")
 
 def _arithmetic_tiny() -> TrainConfig:
     """Tiny Llama (2 layers, width 64, ~83k parameters) trained from scratch on 2-digit addition:
-    SFT warm-up, then 200 RL steps of 16 prompts × 8 samples; minutes on 2 CPU cores."""
+    SFT warm-up, then 200 RL steps of 16 prompts × 8 samples; minutes on 2 CPU cores. It runs on
+    the CPU in float32 also where a GPU is visible (a model this small is faster there, and the
+    documented results are the CPU's, bit for bit); ``--device``/``--set device=`` moves it."""
     return TrainConfig(
         preset="arithmetic-tiny",
         steps=200,
+        device="cpu",
+        dtype="float32",
         model=ModelConfig(),
         task=TaskConfig(name="arithmetic", digits=2, n_operands=2, ops="+", eval_size=256),
         sft=SFTConfig(steps=2000, batch_size=64, lr=3e-3, target_accuracy=0.4, check_every=10, dev_size=256),
@@ -369,6 +383,17 @@ def build_config(
     return cfg
 
 
+def check_placement(cfg: TrainConfig) -> None:
+    """Raise ``ValueError`` (one line) unless ``device`` is auto, cpu, cuda or cuda:N and ``dtype``
+    one of :data:`TRAIN_DTYPES` (whether the GPU is there is checked when the run resolves them:
+    :func:`entropy_lens.train.setup.resolve_placement`)."""
+    if not _DEVICE.match(str(cfg.device)):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if cfg.dtype not in TRAIN_DTYPES:
+        why = " (float16 needs loss scaling, which the trainer does not do; use bfloat16)" if cfg.dtype == "float16" else ""
+        raise ValueError(f"dtype must be auto, float32 or bfloat16 for training, got {cfg.dtype!r}{why}")
+
+
 def validate_config(cfg: TrainConfig) -> None:
     """Raise ``ValueError`` (one line) on any value the trainer cannot run with."""
 
@@ -380,6 +405,7 @@ def validate_config(cfg: TrainConfig) -> None:
     o, r, t, m = cfg.optim, cfg.rollout, cfg.task, cfg.model
     need(cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}")
     need(cfg.threads is None or cfg.threads >= 1, f"threads must be >= 1, got {cfg.threads}")
+    check_placement(cfg)
     need(math.isfinite(o.lr) and o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     need(o.name in ("adamw", "sgd"), f"optim.name must be adamw or sgd, got {o.name!r}")
     need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")

@@ -45,8 +45,9 @@ from entropy_lens.methods import (
     get_method,
     params_from_dict,
 )
-from entropy_lens.model.head import check_linear_head
+from entropy_lens.model.head import SCORE_FIELDS, check_linear_head
 from entropy_lens.model.update import make_optimizer, trainable_params
+from entropy_lens.tensorboard import TensorBoardLog
 from entropy_lens.train import checkpoint as ckpt
 from entropy_lens.train import metrics as mx
 from entropy_lens.train.config import (
@@ -60,14 +61,16 @@ from entropy_lens.train.evaluate import eval_accuracy, eval_pass_at_k
 from entropy_lens.train.setup import (
     Progress,
     TrainingDiverged,
+    autocast,
     load_model_and_task,
     make_generators,
+    place,
+    resolve_placement,
 )
 from entropy_lens.train.step import rl_step
 from entropy_lens.train.tasks import (
     resolve_reward,
 )
-from entropy_lens.tensorboard import TensorBoardLog
 from entropy_lens.train.warmup import warm_start
 
 # ---------------------------------------------------------------------------------------------
@@ -148,8 +151,10 @@ def train(
     out = Path(out_dir)
     metrics_path = out / "metrics.jsonl"
     set_items = dict(set_items or {})
+    cfg = resolve_placement(cfg)
     if resume:
         saved, saved_set = load_run_config(out)
+        saved = resolve_placement(saved)  # a run recorded before device/dtype existed: this machine's
         diff = config_diff(saved, cfg, ignore=("steps",))
         if diff:
             raise ValueError(f"{out}: config differs from the run being resumed: {'; '.join(diff[:3])}")
@@ -170,13 +175,14 @@ def train(
         if last is None:
             model, tok, task = load_model_and_task(cfg)
             _check_task_size(cfg, task)
-            if "omega_lm_head" in get_method(cfg.method).required_inputs(method_params):
-                check_linear_head(model, f"{cfg.method} with omega=lm_head")
+            if set(SCORE_FIELDS) & set(get_method(cfg.method).required_inputs(method_params)):
+                check_linear_head(model, f"{cfg.method} with omega={method_params.omega}")
             reward = (reward_fn.__name__, reward_fn) if reward_fn else resolve_reward(cfg.task.reward, task)
             out.mkdir(parents=True, exist_ok=True)
             _write_config(out, cfg, set_items)
             info: dict[str, Any] = {"n_params": sum(p.numel() for p in model.parameters())}
-            info.update(warm_start(model, task, cfg, gens["sft"], progress))
+            info.update(warm_start(model, task, cfg, gens["sft"], progress))  # arithmetic only: on the CPU, fp32
+            place(model, cfg)
             optimizer = make_optimizer(list(trainable_params(model).values()), cfg.optim.name, cfg.optim.lr,
                                        cfg.optim.weight_decay)
             info["setup_wall_s"] = time.perf_counter() - t_start
@@ -187,6 +193,7 @@ def train(
         else:
             start, path = last
             model, tok, task = load_model_and_task(cfg, from_checkpoint=path)
+            place(model, cfg)
             _check_task_size(cfg, task)
             reward = (reward_fn.__name__, reward_fn) if reward_fn else resolve_reward(cfg.task.reward, task)
             optimizer = make_optimizer(list(trainable_params(model).values()), cfg.optim.name, cfg.optim.lr,
@@ -214,7 +221,7 @@ def load_reference(cfg: TrainConfig, out: Path):
     path = out / ckpt.REFERENCE_DIR
     if not path.is_dir():
         raise ValueError(f"{path}: missing; method {cfg.method} needs the reference policy saved at step 0")
-    model = load_model_and_task(cfg, from_checkpoint=path)[0]
+    model = place(load_model_and_task(cfg, from_checkpoint=path)[0], cfg)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
@@ -239,10 +246,11 @@ def _steps(cfg: TrainConfig, out: Path, start: int, state: tuple, gens, reward, 
                                                      "last_checkpoint": str(where)})
             raise TrainingDiverged(msg) from None
         extra: dict[str, Any] = {}
-        if cfg.log.eval_every and (step % cfg.log.eval_every == 0 or step == cfg.steps):
-            extra["eval_accuracy"] = eval_accuracy(model, task, cfg.rollout.gen_batch)
-        if step == cfg.steps and cfg.log.pass_k:
-            extra["pass_at_k"] = eval_pass_at_k(model, task, cfg)
+        with autocast(cfg):
+            if cfg.log.eval_every and (step % cfg.log.eval_every == 0 or step == cfg.steps):
+                extra["eval_accuracy"] = eval_accuracy(model, task, cfg.rollout.gen_batch)
+            if step == cfg.steps and cfg.log.pass_k:
+                extra["pass_at_k"] = eval_pass_at_k(model, task, cfg)
         rec = mx.make_record(**res.record, **extra, wall_s=time.perf_counter() - t0)
         mx.append_record(metrics_path, rec)
         if tb is not None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from entropy_lens.placement import resolve_placement as resolve
 from entropy_lens.train.config import (
     TrainConfig,
 )
@@ -32,6 +35,43 @@ def stream_seed(seed: int, stream: str) -> int:
 
 def make_generators(seed: int) -> dict[str, torch.Generator]:
     return {name: torch.Generator().manual_seed(stream_seed(seed, name)) for name in STREAMS}
+
+
+# ---------------------------------------------------------------------------------------------
+# Device and dtype
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_placement(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``device`` and ``dtype`` resolved and checked: ``auto`` becomes ``cuda:I`` and
+    ``bfloat16`` where a GPU is visible, else ``cpu`` and ``float32``; ``cuda`` without a GPU or
+    ``cuda:N`` beyond the visible ones raise ``ValueError`` (one line). The rules and messages are
+    those of every command's ``--device``/``--dtype`` (:func:`entropy_lens.placement.resolve_placement`).
+    Idempotent: a resolved config comes back unchanged."""
+    device, dtype = resolve(cfg.device, cfg.dtype)
+    return replace(cfg, device=device, dtype=dtype)
+
+
+def compute_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The torch dtype the forward passes compute in (``cfg.dtype`` resolved)."""
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+
+
+def autocast(cfg: TrainConfig, enabled: bool = True):
+    """The mixed-precision context of the run's forward passes: ``torch.autocast`` to bfloat16 on
+    the run's device type when ``cfg.dtype`` is ``bfloat16`` (the weights, gradients and optimizer
+    state stay float32), nothing for float32 (or with ``enabled`` false: the exact-first-order JVP
+    runs in float32)."""
+    if not enabled or cfg.dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(cfg.device).type, dtype=compute_dtype(cfg))
+
+
+def place(model, cfg: TrainConfig):
+    """Move ``model`` (float32 weights) to ``cfg.device`` once; returns it."""
+    if torch.device(cfg.device) != torch.device("cpu"):
+        model.to(cfg.device)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------

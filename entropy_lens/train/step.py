@@ -24,8 +24,9 @@ from entropy_lens.model.forward import (
     response_logp_entropy,
     response_stats,
 )
-from entropy_lens.model.head import lm_head_score
+from entropy_lens.model.head import SCORE_FIELDS, lm_head_score
 from entropy_lens.model.jvp import jvp_prediction
+from entropy_lens.model.load import model_device
 from entropy_lens.model.update import snapshot, trainable_params
 from entropy_lens.objective import aggregate
 from entropy_lens.rewards import overlong_penalty
@@ -35,7 +36,7 @@ from entropy_lens.train.config import (
     TrainConfig,
 )
 from entropy_lens.train.evaluate import generate_ids
-from entropy_lens.train.setup import TrainingDiverged
+from entropy_lens.train.setup import TrainingDiverged, autocast
 from entropy_lens.train.tasks import (
     score_responses,
 )
@@ -110,26 +111,33 @@ def update_minibatch(
     where: str,
     old_entropy: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
-    omega_lm_head: torch.Tensor | None = None,
+    **scores: torch.Tensor | None,
 ) -> UpdateOut:
     """One optimizer step on one mini-batch through the chosen method and the one objective.
 
     The method sees the mini-batch's current statistics (log p, H, Σp², Σp² log p at θ before this
     update; no grad) with the recorded ``old_logp``, ``old_entropy`` (H_old, recorded with the old
-    log-probs), ``ref_logp`` (the reference policy's, for KL methods), ``omega_lm_head`` (the
-    LM-head kernel score at θ_old, for STEER's ``omega=lm_head``) and advantages; micro-batches of
+    log-probs), ``ref_logp`` (the reference policy's, for KL methods), ``scores`` (the LM-head
+    kernel scores at θ_old, :data:`entropy_lens.model.head.SCORE_FIELDS`, for STEER's
+    ``omega=lm_head`` / ``lm_head_source``) and advantages; micro-batches of
     ``optim.micro_batch`` sequences accumulate gradients. Raises :class:`TrainingDiverged` on a
     non-finite loss or gradient norm (before the optimizer step).
+
+    Every tensor argument lives on the model's device (``packed`` included); the forward passes
+    run under the run's :func:`entropy_lens.train.setup.autocast`, the statistics and the loss
+    are reduced in float32 and the update is applied to the float32 weights.
     """
     o, T = cfg.optim, cfg.rollout.temperature
     B = packed.mask.shape[0]
     micro = o.micro_batch or B
     mask = packed.mask
-    stats = response_stats(model, packed, T, micro_batch=micro)
+    device = mask.device
+    with autocast(cfg):
+        stats = {k: v.to(device) for k, v in response_stats(model, packed, T, micro_batch=micro).items()}
     batch = TokenBatch(
         token_ids=packed.response_ids, mask=mask, logp=stats["logp"], old_logp=old_logp, entropy=stats["entropy"],
         sum_p2=stats["sum_p2"], sum_p2_logp=stats["sum_p2_logp"], adv=adv, group_id=group_id, reward=reward,
-        meta={"temperature": T}, old_entropy=old_entropy, ref_logp=ref_logp, omega_lm_head=omega_lm_head,
+        meta={"temperature": T}, old_entropy=old_entropy, ref_logp=ref_logp, **scores,
     )
     ctx = replace(make_context(0, o.lr, batch_size=B, micro_batch_size=micro), generator=method_gen)
     terms = apply_method(cfg.method, batch, method_params, ctx)
@@ -139,8 +147,8 @@ def update_minibatch(
     a = terms.adv if terms.adv is not None else adv
     g = terms.penalty.dlogp(batch.logp, batch.old_logp) if terms.penalty is not None else None
     coef = est.effective_coefficient(terms.weight, a, mask, batch.ratio, g)
-    agg_w = loss_token_weights(mask, o.agg_mode, o.agg_scope, micro, mask.shape[1]) * max(int(mask.sum()), 1)
-    coef = coef * agg_w.to(coef.dtype)
+    agg_w = loss_token_weights(mask.cpu(), o.agg_mode, o.agg_scope, micro, mask.shape[1]) * max(int(mask.sum()), 1)
+    coef = coef * agg_w.to(device=device, dtype=coef.dtype)
     cols = est.closed_form_columns(batch.replace(adv=coef), o.lr, terms.eps_low, terms.eps_high, terms.dual_clip)
     preds = {k: cols[k] for k in ("omega_paper", "dh_all_logit", "dh_cov")}
     r = batch.ratio
@@ -152,9 +160,11 @@ def update_minibatch(
     parts = micro_rows(B, micro)
     for rows in parts:  # loop over micro-batches
         sub = packed.select(rows)
-        logp, ent = response_logp_entropy(model, sub, T)
-        loss = method_loss(terms.rows(rows), logp, old_logp[rows], adv[rows], mask[rows], ent, o.agg_mode,
-                           norm_len=mask.shape[1]) * _micro_share(o.agg_mode, o.agg_scope, mask, rows, len(parts))
+        with autocast(cfg):
+            logp, ent = response_logp_entropy(model, sub, T)
+        loss = method_loss(terms.rows(rows), logp.float(), old_logp[rows], adv[rows], mask[rows], ent.float(),
+                           o.agg_mode, norm_len=mask.shape[1]) * _micro_share(o.agg_mode, o.agg_scope, mask, rows,
+                                                                              len(parts))
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"non-finite loss ({float(loss.detach())}) at {where}")
         loss.backward()
@@ -225,8 +235,9 @@ def _sample_round(model, task, cfg: TrainConfig, gens: dict[str, torch.Generator
     problems = [task.train_problems[int(i)] for i in pick]
     prompt_ids = [task.prompt_ids(p) for p in problems]
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gens["sampling"]))
-    samples = generate_ids(model, tok, prompt_ids, n, task.max_new_tokens, cfg.rollout.gen_batch,
-                           cfg.rollout.temperature, seed=seed, top_p=cfg.rollout.top_p)
+    with autocast(cfg):
+        samples = generate_ids(model, tok, prompt_ids, n, task.max_new_tokens, cfg.rollout.gen_batch,
+                               cfg.rollout.temperature, seed=seed, top_p=cfg.rollout.top_p)
     group = torch.tensor([i for i, _ in samples], dtype=torch.long)
     sample_problems = [problems[i] for i, _ in samples]
     response_ids = [r for _, r in samples]
@@ -298,6 +309,15 @@ def sample_batch(model, task, cfg: TrainConfig, gens: dict[str, torch.Generator]
     return out
 
 
+def _packed_on(device: torch.device, sb: Sampled, pad: int, advantage: str) -> tuple[PackedBatch, torch.Tensor]:
+    """The step's packed batch and per-token advantages ``[B, T]`` (fp32), built on the CPU and
+    moved to ``device`` once: from there on every tensor of the step lives on the model's device,
+    and CPU copies are made for the metrics record and the rollouts frame only."""
+    packed = pack(sb.prompt_ids, sb.response_ids, pad)
+    seq_adv = compute_advantages(advantage, sb.rewards, sb.group, lengths=packed.mask.sum(-1))
+    return packed.to(device), broadcast_to_tokens(seq_adv, packed.mask).float().to(device)
+
+
 def rl_step(step: int, model, task, cfg: TrainConfig, optimizer, gens: dict[str, torch.Generator],
             reward: tuple[str, Callable[[str, str], float]], method_params: Any, ref_model=None) -> StepResult:
     """Sample → reward → advantages → old statistics → updates → measured and predicted ΔH.
@@ -309,26 +329,29 @@ def rl_step(step: int, model, task, cfg: TrainConfig, optimizer, gens: dict[str,
     # 1-2. prompts, n responses each, verifiable reward, accuracy, advantages
     sb = sample_batch(model, task, cfg, gens, reward)
     rewards, group, correct = sb.rewards, sb.group, sb.correct
-    packed = pack(sb.prompt_ids, sb.response_ids, pad)
+    device = model_device(model)
+    packed, adv = _packed_on(device, sb, pad, o.advantage)
+    rewards_dev, group_dev = rewards.to(device), group.to(device)
     mask = packed.mask
-    seq_adv = compute_advantages(o.advantage, rewards, group, lengths=mask.sum(-1))
-    adv = broadcast_to_tokens(seq_adv, mask).float()
 
     # 3. old log-probs and entropies (no grad)
     B = mask.shape[0]
-    old = response_stats(model, packed, T, micro_batch=o.micro_batch or B)
+    with autocast(cfg):
+        old = {k: v.to(device) for k, v in response_stats(model, packed, T, micro_batch=o.micro_batch or B).items()}
     old_logp = old["logp"]
     quadrant = est.quadrant(old["logp"], old["entropy"], adv)
     ref_logp = None
     if ref_model is not None:
-        ref_logp = response_stats(ref_model, packed, T, micro_batch=o.micro_batch or B)["logp"]
-    omega_lm_head = None  # the LM head's kernel score of the whole batch at θ_old (r = 1: c_k = A_k)
-    if "omega_lm_head" in get_method(cfg.method).required_inputs(method_params):
-        omega_lm_head = lm_head_score(model, packed, adv, T, o.micro_batch or B).to(old_logp.dtype)
+        with autocast(cfg):
+            ref_logp = response_stats(ref_model, packed, T, micro_batch=o.micro_batch or B)["logp"].to(device)
+    # the LM head's kernel scores of the whole batch at θ_old (r = 1, no clip: c_k = A_k), if read
+    needed = [f for f in SCORE_FIELDS if f in get_method(cfg.method).required_inputs(method_params)]
+    scores = {f: lm_head_score(model, packed, adv, T, o.micro_batch or B, role=SCORE_FIELDS[f]).to(device=device, dtype=old_logp.dtype)
+              for f in needed}
 
     # 4. updates: ppo_epochs × mini_batches optimizer steps (sequences shuffled first with mix_groups)
     theta = snapshot(model)
-    order = torch.randperm(B, generator=gens["prompts"]) if o.mix_groups else torch.arange(B)
+    order = (torch.randperm(B, generator=gens["prompts"]) if o.mix_groups else torch.arange(B)).to(device)
     mb = B // o.mini_batches
     preds = {k: torch.zeros_like(old_logp, dtype=torch.float64) for k in ("omega_paper", "dh_all_logit", "dh_cov")}
     weights, losses = [], []
@@ -336,12 +359,12 @@ def rl_step(step: int, model, task, cfg: TrainConfig, optimizer, gens: dict[str,
     for epoch in range(o.ppo_epochs):
         for j in range(o.mini_batches):
             rows = order[j * mb:(j + 1) * mb]
-            u = update_minibatch(model, optimizer, packed.select(rows), old_logp[rows], adv[rows], group[rows],
-                                 rewards[rows], cfg, method_params, gens["method"],
+            u = update_minibatch(model, optimizer, packed.select(rows), old_logp[rows], adv[rows], group_dev[rows],
+                                 rewards_dev[rows], cfg, method_params, gens["method"],
                                  where=f"step {step}, epoch {epoch + 1}, mini-batch {j + 1}",
                                  old_entropy=old["entropy"][rows],
                                  ref_logp=None if ref_logp is None else ref_logp[rows],
-                                 omega_lm_head=None if omega_lm_head is None else omega_lm_head[rows])
+                                 **{f: v[rows] for f, v in scores.items()})
             for k in preds:
                 preds[k][rows] += u.preds[k].double()
             weights.append(u.weights)
@@ -349,7 +372,8 @@ def rl_step(step: int, model, task, cfg: TrainConfig, optimizer, gens: dict[str,
             n_hi, n_lo, n_tok = n_hi + u.n_clip_high, n_lo + u.n_clip_low, n_tok + u.n_tokens
 
     # 5. measured ΔH on the same batch, and the parameter-space prediction of the whole step
-    after = response_stats(model, packed, T, micro_batch=o.micro_batch or B)
+    with autocast(cfg):
+        after = {k: v.to(device) for k, v in response_stats(model, packed, T, micro_batch=o.micro_batch or B).items()}
     dh_measured = torch.where(mask, after["entropy"] - old["entropy"], 0.0).double()
     dh_jvp = None
     if cfg.log.jvp_every and step % cfg.log.jvp_every == 0:
@@ -365,12 +389,12 @@ def rl_step(step: int, model, task, cfg: TrainConfig, optimizer, gens: dict[str,
         reward_mean=float(rewards.double().mean()), accuracy=float(correct.double().mean()),
         entropy_mean=float(old["entropy"][mask].double().mean()),
         clip_frac_high=n_hi / max(n_tok, 1), clip_frac_low=n_lo / max(n_tok, 1),
-        **mx.weight_stats(torch.cat(weights)),
-        quadrant=mx.quadrant_table(quadrant, mask, preds["omega_paper"], dh_measured),
+        **mx.weight_stats(torch.cat(weights).cpu()),
+        quadrant=mx.quadrant_table(quadrant.cpu(), mask.cpu(), preds["omega_paper"].cpu(), dh_measured.cpu()),
         dh_pred={**{k: float(v[mask].sum()) for k, v in preds.items()}, "dh_jvp": dh_jvp},
         dh_measured=float(dh_measured[mask].sum()), loss=sum(losses) / len(losses),
         truncated_frac=float(truncated.mean()), sampling=sb.sampling,
     )
     rollouts = _rollouts_frame(step, cfg.prompts_per_step, sb.problems, sb.texts, rewards, group,
-                               sb.prompt_ids, sb.response_ids, old_logp, mask, correct)
+                               sb.prompt_ids, sb.response_ids, old_logp.cpu(), mask.cpu(), correct)
     return StepResult(record=record, rollouts=rollouts)
