@@ -28,6 +28,7 @@ from entropy_lens.pipelines.compare import (
     validate_tokens_frame,
 )
 from entropy_lens_cli.common import (
+    DTYPES,
     add_command,
     check_choice,
     check_int,
@@ -37,7 +38,7 @@ from entropy_lens_cli.common import (
     prepare_out_dir,
     recorded,
 )
-from entropy_lens_cli.placement import resolve_placement
+from entropy_lens_cli.placement import check_device, refuse_ranks, resolve_placement
 
 
 def parse_overrides(items: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
@@ -79,8 +80,8 @@ def compare(
     rollouts: Annotated[Optional[Path], typer.Option("--rollouts", "-r", help="with --measure: the rollouts TOKENS was computed from")] = None,
     optimizer: Annotated[str, typer.Option("--optimizer", help="with --measure: sgd or adamw")] = "sgd",
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="with --measure: allow loading pickle-format weights (runs code from the file)")] = False,
-    device: Annotated[str, typer.Option("--device", help="with --measure: auto or cpu (the measuring step runs on the CPU so far)")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="with --measure: model dtype auto (float32 on the CPU), float32, bfloat16 or float16; low precision updates an fp32 master copy")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="with --measure: auto (a GPU when one is visible, else cpu), cpu, cuda or cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="with --measure: model dtype auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16; low precision updates an fp32 master copy")] = "auto",
 ) -> None:
     """Predict each method's entropy change on one recorded batch (closed-form estimators)."""
     methods = list(method) if method else list_methods()
@@ -92,7 +93,12 @@ def compare(
     check_positive("--lr", lr)
     check_int("--micro-batch", micro_batch)
     check_choice("--optimizer", optimizer, ("sgd", "adamw"))
-    device, dtype = resolve_placement(device, dtype, cpu_only="compare --measure")
+    refuse_ranks("compare")
+    if measure:
+        device, dtype = resolve_placement(device, dtype)
+    else:  # nothing runs on a model: the options are only checked
+        check_choice("--dtype", dtype, DTYPES)
+        check_device(device)
     options = {"tokens": input_id(tokens, ""), "method": methods, "set": list(set_ or []), "lr": lr, "seed": seed,
                "measure": measure, "micro_batch": micro_batch}
     if measure:

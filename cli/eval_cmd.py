@@ -30,8 +30,11 @@ from entropy_lens_cli.common import (
     prepare_out_dir,
     run_config,
 )
+from entropy_lens_cli.placement import resolve_device
 from entropy_lens_cli.sample_cmd import check_top_p
 
+#: ``--device`` values of ``eval`` (a subset of :data:`entropy_lens_cli.placement.DEVICES`, which
+#: resolves them): ``cpu``, or ``auto`` (a GPU when one is visible, else the CPU).
 DEVICES = ("cpu", "auto")
 #: How summary.json names the default model.
 BUNDLED = "bundled:smollm2-135m-instruct"
@@ -102,6 +105,7 @@ def eval_command(
     for name in logger or []:
         check_choice("--logger", name, ("tensorboard",))
     check_eval_options(dataset, k, temperature, top_p, max_new_tokens, reward, limit, batch_size, device)
+    where = resolve_device(device)
     names = dataset_names(dataset)
     tags = parse_tags(tag)
     settings = EvalSettings(k=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, reward=reward,
@@ -114,8 +118,7 @@ def eval_command(
         problems = {n: load_problems(d, limit) for n, d in zip(names, dataset)}
         tags = {**checkpoint_tags(model), **tags}
         with console.status("loading model"):
-            mdl, tok = load_checkpoint("--model", model, allow_pickle)
-            mdl = mdl.to(pick_device(device))
+            mdl, tok = load_checkpoint("--model", model, allow_pickle, device=where)
         summary = evaluate_into(out, mdl, tok, problems, settings, model_id, tags, options)
         if logger:
             log_tensorboard(out, summary)
@@ -137,13 +140,6 @@ def log_tensorboard(out: Path, summary: dict) -> None:
         tb.log({"step": step, **summary["datasets"]})
     finally:
         tb.close()
-
-
-def pick_device(device: str) -> str:
-    """``cpu``, or for ``auto`` ``cuda`` when torch sees a GPU (else ``cpu``)."""
-    import torch
-
-    return "cuda" if device == "auto" and torch.cuda.is_available() else "cpu"
 
 
 def evaluate_into(out: Path, mdl, tok, problems: dict, settings, model_id: str, tags: dict, options: dict) -> dict:

@@ -36,7 +36,7 @@ def no_gpu(monkeypatch):
     (["analyze", "--dtype", "fp8"], "--dtype must be auto, float32, bfloat16 or float16, got 'fp8'"),
     (["sample", "--device", "cuda"], "--device cuda: no GPU is visible"),
     (["sample", "--dtype", "half"], "--dtype must be"),
-    (["compare", "tokens.parquet", "--measure", "--device", "cuda"], "compare --measure runs on the CPU only so far"),
+    (["compare", "tokens.parquet", "--measure", "--device", "cuda"], "--device cuda: no GPU is visible"),
     (["demo", "--device", "cuda:0"], "demo runs on the CPU only so far"),
     (["demo", "--dtype", "int8"], "--dtype must be"),
 ])

@@ -12,7 +12,7 @@ import torch
 
 from entropy_lens import estimators as est
 from entropy_lens.model.forward import PackedBatch, response_entropy_fn, scatter_rows
-from entropy_lens.model.load import set_attention
+from entropy_lens.model.load import model_device, set_attention
 
 
 def jvp_prediction(
@@ -24,28 +24,44 @@ def jvp_prediction(
     micro_batch: int,
     progress: Callable[[str, int], None] | None = None,
 ) -> torch.Tensor:
-    """``dh_jvp`` ``[B, T]`` (nats): ∇_θ H_t · Δθ at θ for every response token, ``micro_batch``
-    sequences at a time, entropies at ``temperature``. ``theta``: parameters before the update;
-    ``delta``: the real update θ' − θ (same names).
+    """``dh_jvp`` ``[B, T]`` (nats, fp32): ΔH_t ≈ ∇_θ H_t · Δθ at θ for every response token,
+    ``micro_batch`` sequences at a time, entropies at ``temperature``. ``theta``: parameters
+    before the update; ``delta``: the real update θ' − θ (same names).
+
+    Everything stays on the model's device: ``packed`` is moved there once (a no-op when it is
+    already there), ``theta``/``delta`` must be there, and the result is returned there (0 on
+    padding); the caller copies it to the host when it writes it.
 
     Switches the model to eager attention for the duration (forward-mode AD does not pass
     through fused SDPA kernels) and back afterwards.
     """
+    device = model_device(model)
+    packed = packed.to(device)
     prev = getattr(model.config, "_attn_implementation", "sdpa")
     set_attention(model, "eager")
-    out = torch.zeros(packed.mask.shape, dtype=torch.float32)
-    moved = {n: d for n, d in delta.items() if bool(d.abs().max() > 0)}
+    out = torch.zeros(packed.mask.shape, dtype=torch.float32, device=device)
+    moved = moved_parameters(delta)
     try:
         B = packed.mask.shape[0]
         for i in range(0, B, micro_batch):
             rows = slice(i, min(i + micro_batch, B))
             sub = packed.select(rows)
-            fn = response_entropy_fn(model, sub, temperature)
-            with torch.no_grad():
-                tangent = est.dh_jvp(fn, theta, moved) if moved else torch.zeros(int(sub.mask.sum()))
-            out[rows] = scatter_rows(tangent.float(), sub.mask)
+            if moved:
+                fn = response_entropy_fn(model, sub, temperature)
+                with torch.no_grad():
+                    out[rows] = scatter_rows(est.dh_jvp(fn, theta, moved).float(), sub.mask)
             if progress:
                 progress("jvp", rows.stop - rows.start)
     finally:
         set_attention(model, prev)
     return out
+
+
+def moved_parameters(delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of ``delta`` that are not all zero (one device-to-host transfer for all)."""
+    names = list(delta)
+    if not names:
+        return {}
+    where = delta[names[0]].device
+    nonzero = torch.stack([delta[n].ne(0).any().to(where) for n in names]).cpu().tolist()
+    return {n: delta[n] for n, keep in zip(names, nonzero) if keep}

@@ -45,6 +45,7 @@ from entropy_lens.methods import (
     params_from_dict,
 )
 from entropy_lens.model.forward import response_stats
+from entropy_lens.model.load import model_device
 from entropy_lens.model.update import (
     one_step_update,
     restore,
@@ -382,7 +383,9 @@ def measure_methods(
 
     From the same checkpoint and batch, each method's terms go through the one objective
     (:mod:`entropy_lens.methods.loss`, token-mean), one SGD/AdamW step is taken (``settings``),
-    the batch is re-forwarded, and the model is restored before the next method.
+    the batch is re-forwarded, and the model is restored before the next method. The methods'
+    terms are computed on the CPU batch and moved to the model's device once per method; the
+    packed batch goes there once; the per-token entropies come back to the CPU.
     Returns ``(long frame: method, sample, pos, dh_measured_step)`` and per method
     ``{dh_measured (batch sum, nats), per-quadrant sums Q1..Q4, loss}``.
     """
@@ -391,6 +394,8 @@ def measure_methods(
     prep = prepare(rollouts, tokenizer, source, settings.max_len)
     check_memory(model, prep, settings.micro_batch, jvp=False, what="compare --measure")
     packed, batch, cols = instrument(model, prep, settings)
+    device = model_device(model)
+    packed = packed.to(device)  # once; the statistics come back to the CPU (response_stats)
     theta = snapshot(model)
     b_idx, t_idx = torch.nonzero(batch.mask, as_tuple=True)
     q = cols["quadrant"][batch.mask].numpy()
@@ -398,7 +403,7 @@ def measure_methods(
     for name in methods:  # loop over methods only
         ctx = make_context(seed, settings.lr, batch_size=batch.mask.shape[0], micro_batch_size=scope_micro_batch)
         terms = apply_method(name, batch, params[name], ctx)
-        loss_fn = token_mean_loss(terms, batch.old_logp, batch.adv, batch.mask)
+        loss_fn = token_mean_loss(terms, batch.old_logp, batch.adv, batch.mask, device=device)
         try:
             _, loss = one_step_update(model, packed, loss_fn, settings.lr, settings.optimizer, settings.temperature,
                                       settings.micro_batch, settings.weight_decay)

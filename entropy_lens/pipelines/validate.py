@@ -4,6 +4,21 @@ Pipeline (no printing; ``progress(stage, advance)`` reports work done):
 rollouts → token ids → per-token statistics at θ → advantages → closed-form estimators →
 one optimizer step θ → θ' on the GRPO token-mean objective → entropies at θ' (measured ΔH) →
 ``dh_jvp``: ∇_θ H · (θ' − θ) at θ by forward-mode AD → scores per estimator.
+
+Device: the model's. The packed batch goes there once; the loss's per-token inputs, the
+parameter snapshots, the update and the JVP stay there; the per-token statistics come back to
+the CPU per micro-batch (:func:`entropy_lens.model.forward.response_stats`) and the JVP once.
+
+Several processes (:mod:`entropy_lens.dist`, ``ranks``): rank r of N takes the contiguous block
+of sequences ``⌊rB/N⌋ … ⌊(r+1)B/N⌋ − 1`` (:func:`rank_rows`; ranks beyond B sequences stay idle)
+for every model pass. The statistics at θ of all ranks are merged (exact), so every rank holds
+the whole batch's advantages, estimators and token count L; each rank accumulates the gradient of
+(1/L) · Σ over its own tokens of the per-token loss, the gradients are summed across ranks
+(:mod:`entropy_lens.collectives`) and every rank takes the same optimizer step (data-parallel
+semantics: the single-process update); then each rank measures ΔH, the η = 0 floor and ``dh_jvp``
+on its own sequences and the grids are merged again. Rank 0 builds the same tokens frame and
+summary as one process (``summary["world_size"]`` records N); a failure on any rank fails every
+rank (:func:`entropy_lens.dist.agreed`) before anything is merged.
 """
 
 from __future__ import annotations
@@ -16,11 +31,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from entropy_lens import dist
 from entropy_lens import estimators as est
+from entropy_lens.collectives import gather_rows, grad_sum
 from entropy_lens.io.rollouts import Tokenized
 from entropy_lens.model.budget import check_budget
 from entropy_lens.model.forward import PackedBatch, response_stats
 from entropy_lens.model.jvp import jvp_prediction
+from entropy_lens.model.load import model_device, model_dtype
 from entropy_lens.model.update import (
     LOW_PRECISION,
     grpo_token_mean_loss,
@@ -59,29 +77,51 @@ class ValidateSettings(BatchSettings):
     max_len: int | None = None
 
 
-def check_memory(model, prep: Prepared, micro_batch: int, jvp: bool, what: str = "validate") -> int | None:
+def rank_rows(n_sequences: int, rank: int = 0, world_size: int = 1) -> slice:
+    """The sequences rank ``rank`` of ``world_size`` processes: the contiguous block
+    ``⌊rank·B/N⌋ : ⌊(rank+1)·B/N⌋`` of the B = ``n_sequences`` (sizes differ by at most one; empty
+    for some ranks when B < N). One process: every sequence."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} of world size {world_size}: need 0 <= rank < world size")
+    return slice(rank * n_sequences // world_size, (rank + 1) * n_sequences // world_size)
+
+
+def check_memory(model, prep: Prepared, micro_batch: int, jvp: bool, what: str = "validate",
+                 rows: slice | None = None) -> int | None:
     """:func:`entropy_lens.model.budget.check_budget` for a prepared batch (packed = prompt +
-    response tokens per sequence): a one-line ValueError before any work when the estimated peak
-    does not fit in the available memory; returns the estimate (bytes) or None."""
-    packed = [len(p) + len(r) for p, r in zip(prep.tok.prompt_ids, prep.tok.response_ids)]
-    return check_budget(packed, model, micro_batch, jvp, response_lengths=prep.lengths, what=what)
+    response tokens per sequence; ``rows``: only those sequences, a rank's share): a one-line
+    ValueError before any work when the estimated peak does not fit in the available memory of
+    the model's device; returns the estimate (bytes) or None."""
+    rows = rows or slice(None)
+    packed = [len(p) + len(r) for p, r in zip(prep.tok.prompt_ids[rows], prep.tok.response_ids[rows])]
+    return check_budget(packed, model, micro_batch, jvp, response_lengths=prep.lengths[rows], what=what)
 
 
 def instrument(
-    model, prep: Prepared, settings: ValidateSettings, progress: Progress | None = None
+    model, prep: Prepared, settings: ValidateSettings, progress: Progress | None = None,
+    ranks: dist.Ranks = dist.SINGLE,
 ) -> tuple[PackedBatch, TokenBatch, dict[str, torch.Tensor]]:
     """Per-token statistics at the current parameters plus every closed-form estimator.
 
-    Returns the packed batch, the TokenBatch (float32) and a dict of ``[B, T]`` extra columns:
-    ``ratio, clip_active, omega_paper, omega_code, dh_all_logit, dh_cov, quadrant``.
+    Returns the packed batch (all B sequences, on the CPU), the TokenBatch (float32, ``[B, T]``,
+    CPU) and a dict of ``[B, T]`` extra columns: ``ratio, clip_active, omega_paper, omega_code,
+    dh_all_logit, dh_cov, quadrant``. The forward runs on the model's device, on this rank's
+    sequences (:func:`rank_rows`); the statistics of all ranks are merged, so every rank returns
+    the whole batch. ``progress("forward", n)``: n = this rank's sequences.
     """
     packed = prep.packed()
-    stats = response_stats(model, packed, settings.temperature, micro_batch=settings.micro_batch)
+    B = packed.mask.shape[0]
+    rows = rank_rows(B, ranks.rank, ranks.world_size)
+    with dist.agreed(ranks):
+        own = response_stats(model, packed.select(rows).to(model_device(model)), settings.temperature,
+                             micro_batch=settings.micro_batch)
+    stats = gather_rows(own, rows, B, ranks)
     if progress:
-        progress("forward", int(packed.mask.shape[0]))
-    batch = token_batch(stats, packed.response_ids, packed.mask, prep.old_logp, prep.reward, prep.group_id,
-                        settings.advantage, settings.temperature)
-    cols = est.closed_form_columns(batch, settings.lr, settings.eps_low, settings.eps_high, settings.dual_clip)
+        progress("forward", rows.stop - rows.start)
+    with dist.agreed(ranks):
+        batch = token_batch(stats, packed.response_ids, packed.mask, prep.old_logp, prep.reward, prep.group_id,
+                            settings.advantage, settings.temperature)
+        cols = est.closed_form_columns(batch, settings.lr, settings.eps_low, settings.eps_high, settings.dual_clip)
     return packed, batch, cols
 
 
@@ -97,8 +137,9 @@ def measuring_model(model):
 @torch.no_grad()
 def entropy_after(meter, packed: PackedBatch, theta: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
                   settings: ValidateSettings) -> torch.Tensor:
-    """Entropies ``[B, T]`` (nats) of the measuring model at θ + Δθ (fp32 arithmetic); the model
-    is restored to θ afterwards."""
+    """Entropies ``[B, T]`` (nats, fp32, on the CPU) of the measuring model at θ + Δθ (fp32
+    arithmetic); ``packed``, ``theta`` and ``delta`` on the model's device. The model is restored
+    to θ afterwards."""
     try:
         restore(meter, {n: theta[n] + delta[n].to(theta[n].dtype) for n in theta})
         return response_stats(meter, packed, settings.temperature, micro_batch=settings.micro_batch)["entropy"]
@@ -134,36 +175,60 @@ def measured_and_jvp(
     batch: TokenBatch,
     settings: ValidateSettings,
     progress: Progress | None = None,
+    ranks: dist.Ranks = dist.SINGLE,
 ) -> tuple[torch.Tensor, torch.Tensor | None, float, dict[str, Any]]:
-    """(dh_measured, dh_jvp or None, loss, noise floor) with ``[B, T]`` tensors; the model is
-    restored to θ afterwards. The step is taken with the model in its own dtype (fp32 master
-    update for bf16/fp16, :func:`entropy_lens.model.update.one_step_update`); entropies before and
-    after it, the η = 0 floor and the JVP use :func:`measuring_model` (fp32)."""
-    theta = snapshot(model)
-    loss_fn = grpo_token_mean_loss(batch.old_logp, batch.adv, batch.mask, settings.eps_low, settings.eps_high, settings.dual_clip)
-    try:
-        delta, loss = one_step_update(
-            model, packed, loss_fn, settings.lr, settings.optimizer, settings.temperature,
-            settings.micro_batch, settings.weight_decay,
-            progress=(lambda n: progress("update", n)) if progress else None,
-        )
-    finally:
-        restore(model, theta)
-    meter = measuring_model(model)
-    theta_m = snapshot(meter)
-    before = batch.entropy if meter is model else response_stats(
-        meter, packed, settings.temperature, micro_batch=settings.micro_batch)["entropy"]
-    after = entropy_after(meter, packed, theta_m, delta, settings)
-    if progress:
-        progress("forward after", int(packed.mask.shape[0]))
-    dh_measured = torch.where(batch.mask, after - before, 0.0)
-    zero = {n: torch.zeros_like(d) for n, d in delta.items()}
-    dh_zero = torch.where(batch.mask, entropy_after(meter, packed, theta_m, zero, settings) - before, 0.0)
-    floor = noise_floor(dh_measured, dh_zero, batch.mask, next(meter.parameters()).dtype)
-    dh_jvp = None
-    if settings.jvp:
-        dh_jvp = jvp_prediction(meter, packed, theta_m, {n: d.to(theta_m[n].dtype) for n, d in delta.items()},
-                                settings.temperature, settings.micro_batch, progress)
+    """(dh_measured, dh_jvp or None, loss, noise floor) with ``[B, T]`` fp32 tensors on the CPU
+    (nats; 0 on padding); the model is restored to θ afterwards.
+
+    ΔH_t = H_t(θ') − H_t(θ) with θ' = θ + Δθ the real step; dh_jvp_t = ∇_θ H_t · Δθ. The step is
+    taken with the model in its own dtype (fp32 master update for bf16/fp16,
+    :func:`entropy_lens.model.update.one_step_update`); entropies before and after it, the η = 0
+    floor and the JVP use :func:`measuring_model` (fp32). ``packed`` and ``batch``: the whole
+    batch (any device); this rank's sequences (:func:`rank_rows`) go to the model's device once.
+    With several ranks the loss is normalised by the whole batch's token count L and the
+    gradients are summed across ranks before the step (:func:`entropy_lens.collectives.grad_sum`);
+    every rank returns the whole batch's grids and the summed loss.
+    """
+    B = batch.mask.shape[0]
+    rows = rank_rows(B, ranks.rank, ranks.world_size)
+    device = model_device(model)
+    with dist.agreed(ranks):
+        mine = packed.select(rows).to(device)
+        theta = snapshot(model)
+        loss_fn = grpo_token_mean_loss(batch.old_logp[rows], batch.adv[rows], batch.mask[rows], settings.eps_low,
+                                       settings.eps_high, settings.dual_clip, n_tokens=batch.n_tokens, device=device)
+        try:
+            delta, loss = one_step_update(
+                model, mine, loss_fn, settings.lr, settings.optimizer, settings.temperature,
+                settings.micro_batch, settings.weight_decay,
+                progress=(lambda n: progress("update", n)) if progress else None,
+                reduce=grad_sum(ranks), first_row=rows.start,
+            )
+        finally:
+            restore(model, theta)
+        del theta
+        meter = measuring_model(model)
+        theta_m = snapshot(meter)
+        own: dict[str, torch.Tensor] = {}
+        if meter is not model:
+            own["before"] = response_stats(meter, mine, settings.temperature, micro_batch=settings.micro_batch)["entropy"]
+        own["after"] = entropy_after(meter, mine, theta_m, delta, settings)
+        if progress:
+            progress("forward after", rows.stop - rows.start)
+        zero = {n: torch.zeros_like(d) for n, d in delta.items()}
+        own["zero"] = entropy_after(meter, mine, theta_m, zero, settings)
+        del zero
+        if settings.jvp:
+            own["jvp"] = jvp_prediction(meter, mine, theta_m, {n: d.to(theta_m[n].dtype) for n, d in delta.items()},
+                                        settings.temperature, settings.micro_batch, progress)
+        meter_dtype = next(meter.parameters()).dtype
+    grids = gather_rows(own, rows, B, ranks)
+    mask = batch.mask.cpu()
+    before = grids["before"] if "before" in grids else batch.entropy.cpu()
+    dh_measured = torch.where(mask, grids["after"] - before, 0.0)
+    dh_zero = torch.where(mask, grids["zero"] - before, 0.0)
+    floor = noise_floor(dh_measured, dh_zero, mask, meter_dtype)
+    dh_jvp = torch.where(mask, grids["jvp"], 0.0) if settings.jvp else None
     return dh_measured, dh_jvp, loss, floor
 
 
@@ -174,12 +239,21 @@ def run_validate(
     settings: ValidateSettings,
     source: str = "<rollouts>",
     progress: Progress | None = None,
-) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Full validation on a validated rollouts frame; returns ``(tokens frame, summary dict)``."""
-    prep = prepare(rollouts, tokenizer, source, settings.max_len)
-    check_memory(model, prep, settings.micro_batch, settings.jvp)
-    packed, batch, cols = instrument(model, prep, settings, progress)
-    dh_measured, dh_jvp, loss, floor = measured_and_jvp(model, packed, batch, settings, progress)
+    ranks: dist.Ranks = dist.SINGLE,
+) -> tuple[pd.DataFrame, dict[str, Any]] | None:
+    """Full validation on a validated rollouts frame; returns ``(tokens frame, summary dict)`` on
+    rank 0 and None on the other ranks (``ranks``: the processes of a torchrun launch; one
+    process by default). The tokens frame and summary equal a single process's within
+    floating-point tolerance; ``summary["world_size"]`` records N. The memory check covers this
+    rank's share of the sequences on the model's device."""
+    with dist.agreed(ranks):
+        prep = prepare(rollouts, tokenizer, source, settings.max_len)
+        check_memory(model, prep, settings.micro_batch, settings.jvp,
+                     rows=rank_rows(prep.n_sequences, ranks.rank, ranks.world_size))
+    packed, batch, cols = instrument(model, prep, settings, progress, ranks)
+    dh_measured, dh_jvp, loss, floor = measured_and_jvp(model, packed, batch, settings, progress, ranks)
+    if not ranks.is_main:
+        return None
     cols["dh_measured"] = dh_measured
     if dh_jvp is not None:
         cols["dh_jvp"] = dh_jvp
@@ -187,18 +261,14 @@ def run_validate(
     frame["quadrant"] = frame["quadrant"].astype(np.int8)
     summary = summarize(frame, batch, settings, prep.tok, loss)
     low = next(model.parameters()).dtype in LOW_PRECISION
-    summary["precision"] = {"model_dtype": summary_dtype(model),
+    summary["precision"] = {"model_dtype": model_dtype(model),
                             "update": "fp32 master copy of the parameters" if low else "in the model's dtype",
                             "measuring_dtype": floor["measuring_dtype"]}
     summary["noise_floor"] = floor
+    summary["world_size"] = ranks.world_size
     if floor["note"]:
         summary["notes"].append(floor["note"])
     return frame, summary
-
-
-def summary_dtype(model) -> str:
-    """The model's parameter dtype as a short string (``float32``, ``bfloat16``, ...)."""
-    return str(next(model.parameters()).dtype).replace("torch.", "")
 
 
 def summarize(frame: pd.DataFrame, batch: TokenBatch, settings: ValidateSettings, tok: Tokenized, loss: float) -> dict[str, Any]:
