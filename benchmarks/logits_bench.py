@@ -2,14 +2,18 @@
 
     python -m benchmarks.logits_bench [--device cuda|cpu] [--quick] [--json OUT.json] [--markdown OUT.md]
 
+The CPU kernel is built into a fresh temporary cache each run (its build is timed); set
+``ENTROPY_LENS_BENCH_KERNEL_CACHE=DIR`` to reuse an artefact there instead.
+
 Sections (each prints one markdown table; ratios are against rows measured in the same run):
 
 1. ``copy``: device copy bandwidth, ``dst.copy_(src)``, counted as bytes read + bytes written.
 2. ``logits``: one logits tensor [N, V] (GPU: 8192 × 151,936 bf16; CPU: 4096 × 49,152 fp32), every
    method: naive fp32 PyTorch (log_softmax + entropy), the same in 128-row chunks (TRL-style), a
    verl-style formula (logsumexp − Σ softmax·z), torch.compile of it, the chunked path
-   ``entropy_lens.logits.logit_stats``, a candidate faster CPU chunk loop (``proposed_*``), and on
-   CUDA the Triton kernel. Columns: ms (median), effective GB/s of logits read (N·V·itemsize / time),
+   ``entropy_lens.logits.logit_stats`` (its eager path), a candidate faster CPU chunk loop
+   (``proposed_*``), on the CPU the ahead-of-time built kernel (``cpu_aot_kernel`` alone and
+   ``logit_stats+cpu_aot`` through the library's dispatch), and on CUDA the Triton kernel. Columns: ms (median), effective GB/s of logits read (N·V·itemsize / time),
    fraction of the copy bandwidth, peak extra memory, max relative error against float64.
 3. ``kernel-tune`` (CUDA): the Triton kernel over block sizes / warps on the headline case.
 4. ``sweep`` (CUDA): N and V sweeps for the naive, compiled, chunked and kernel paths.
@@ -17,6 +21,13 @@ Sections (each prints one markdown table; ratios are against rows measured in th
    kernel, and the fused no-logits variant (Triton on CUDA, chunked torch on the CPU).
 6. ``model`` (CUDA): instrumentation overhead against a bare forward of a Qwen2-shaped 1.5B model
    built from a config with random weights (8 × 1024 tokens).
+7. ``cpu-kernel`` (CPU): the ahead-of-time kernel's build time (fresh build into a temporary cache,
+   as ``entropy-lens kernels build`` does), and in a fresh process the time to import and load it
+   and the first ``logit_stats`` call against the next one (the first-call stall a user sees).
+
+Results also go to ``benchmarks/results/<device>.json`` (``<device>-quick.json`` with ``--quick``;
+not with ``--smoke``): per row device, shape, ms, GB/s, % of copy bandwidth and the speed ratio to
+each baseline measured in the same run (``extra.ratios``).
 
 Peak memory: CUDA ``max_memory_allocated`` above the allocation before the call; CPU both the peak
 of live tensor bytes created by ATen ops during the call (deterministic, :class:`LiveTensorBytes`;
@@ -30,14 +41,17 @@ No timing is asserted anywhere; ``tests/test_kernels.py`` runs the harness funct
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -80,9 +94,50 @@ def verl_style(logits: torch.Tensor, ids: torch.Tensor, tau: float = 1.0) -> dic
     return {"logp": z.gather(-1, ids[:, None]).squeeze(-1) - lse, "entropy": lse - (p * z).sum(-1)}
 
 
+@contextlib.contextmanager
+def _env(**values: str):
+    """Set environment variables for the duration of a call, then restore them."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def chunked(logits: torch.Tensor, ids: torch.Tensor, tau: float = 1.0, chunk_rows: int | None = None) -> dict[str, torch.Tensor]:
-    """``entropy_lens.logits.logit_stats`` (all four outputs)."""
-    return _as_dict(logit_stats(logits, ids, tau, chunk_rows=chunk_rows))
+    """``entropy_lens.logits.logit_stats``, eager path (all four outputs; the CPU kernel switched off)."""
+    with _env(ENTROPY_LENS_CPU_KERNEL="0"):
+        return _as_dict(logit_stats(logits, ids, tau, chunk_rows=chunk_rows))
+
+
+#: Environment variable naming the cache folder that holds the benchmark's CPU kernel artefact
+#: (set by :func:`run`, inherited by the RSS subprocesses).
+KERNEL_CACHE_ENV = "ENTROPY_LENS_BENCH_KERNEL_CACHE"
+
+
+def cpu_aot_kernel(logits: torch.Tensor, ids: torch.Tensor, tau: float = 1.0) -> dict[str, torch.Tensor]:
+    """The ahead-of-time built CPU kernel alone (``entropy_lens.kernels.cpu_aot``), all four outputs."""
+    from entropy_lens.kernels import cpu_aot
+
+    out = cpu_aot.logit_stats_kernel(logits, ids, tau, os.environ.get(KERNEL_CACHE_ENV))
+    if out is None:
+        raise RuntimeError(f"no CPU kernel artefact under ${KERNEL_CACHE_ENV} for this input")
+    return dict(zip(OUTPUTS, out))
+
+
+def logit_stats_cpu_aot(logits: torch.Tensor, ids: torch.Tensor, tau: float = 1.0) -> dict[str, torch.Tensor]:
+    """``entropy_lens.logits.logit_stats`` with the CPU kernel artefact present (its dispatch, argument
+    checks and finiteness check included)."""
+    cache = os.environ.get(KERNEL_CACHE_ENV)
+    if cache is None:
+        raise RuntimeError(f"${KERNEL_CACHE_ENV} not set")
+    with _env(ENTROPY_LENS_CACHE=cache, ENTROPY_LENS_CPU_KERNEL="1"):
+        return _as_dict(logit_stats(logits, ids, tau))
 
 
 def previous_logit_stats(logits: torch.Tensor, ids: torch.Tensor, tau: float = 1.0, chunk_rows: int | None = None) -> dict[str, torch.Tensor]:
@@ -177,10 +232,16 @@ METHODS: dict[str, Callable] = {
     "chunked_logit_stats": chunked,
     "previous_chunked": previous_logit_stats,
     "proposed_compiled": proposed_compiled,
+    "cpu_aot_kernel": cpu_aot_kernel,
+    "logit_stats+cpu_aot": logit_stats_cpu_aot,
     "triton_kernel": triton_kernel,
     "logit_stats_auto": auto,
 }
 CUDA_ONLY = {"triton_kernel", "logit_stats_auto"}
+CPU_ONLY = {"cpu_aot_kernel", "logit_stats+cpu_aot"}
+#: Rows every other row of a logits section is compared with (``extra.ratios``: that ms / this ms).
+BASELINES = ("naive_fp32", "naive_128row_chunks", "verl_style", "verl_style_compiled", "chunked_logit_stats",
+             "proposed_compiled")
 TWO_OUTPUTS = {"naive_fp32", "naive_128row_chunks", "verl_style", "verl_style_compiled"}
 
 
@@ -383,7 +444,77 @@ def bench_logits(device: str, n: int, v: int, dtype: torch.dtype, methods: list,
     for r in rows:
         if base and not math.isnan(r.ms):
             r.vs_baseline = base / r.ms
+    bases = {r.method: r.ms for r in rows if r.method in BASELINES and not math.isnan(r.ms)}
+    for r in rows:
+        if not math.isnan(r.ms):
+            r.extra["ratios"] = {b: ms / r.ms for b, ms in bases.items() if b != r.method}
     return rows
+
+
+def _load_child(cache: str, n: int, v: int) -> dict:
+    """Run in a fresh process. ``n == 0``: time the import of the kernel module and the load of its
+    artefact (ms). Otherwise: time the first ``logit_stats`` call on [n, v] fp32 logits with the
+    artefact in the cache (which loads it) and the second call (ms)."""
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    if n == 0:
+        t0 = time.perf_counter()
+        from entropy_lens.kernels import cpu_aot
+
+        t1 = time.perf_counter()
+        op = cpu_aot.load(cache)
+        t2 = time.perf_counter()
+        return {"loaded": op is not None, "import_ms": (t1 - t0) * 1e3, "load_ms": (t2 - t1) * 1e3}
+    x, ids = make_logits(n, v, torch.float32, "cpu")
+    with _env(ENTROPY_LENS_CACHE=cache, ENTROPY_LENS_CPU_KERNEL="1"):
+        t0 = time.perf_counter()
+        logit_stats(x, ids)
+        t1 = time.perf_counter()
+        logit_stats(x, ids)
+        t2 = time.perf_counter()
+    from entropy_lens.kernels import cpu_aot
+
+    return {"used": cpu_aot.load(cache) is not None, "first_call_ms": (t1 - t0) * 1e3, "second_call_ms": (t2 - t1) * 1e3}
+
+
+def bench_cpu_kernel(cache: str, build_seconds: float | None, build_note: str, n: int, v: int) -> list[Row]:
+    """Build time of the CPU kernel and, in a fresh process, its load time and first-call stall."""
+    rows = [Row("cpu-kernel", "build (entropy-lens kernels build)", "–", 0,
+                float("nan") if build_seconds is None else build_seconds * 1e3, note=build_note)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, BENCH_THREADS=str(torch.get_num_threads()))
+    res = {}
+    for nn in (0, n):
+        cmd = [sys.executable, "-m", "benchmarks.logits_bench", "--load-child", cache, str(nn), str(v)]
+        try:
+            out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900, env=env, check=True)
+            res.update(json.loads(out.stdout.strip().splitlines()[-1]))
+        except (subprocess.SubprocessError, ValueError, IndexError) as exc:
+            return rows + [Row("cpu-kernel", "fresh process", "–", 0, float("nan"), note=f"failed: {exc}"[:160])]
+    shape = f"{n}x{v} float32"
+    rows += [
+        Row("cpu-kernel", "import entropy_lens.kernels.cpu_aot (fresh process)", "–", 0, res["import_ms"]),
+        Row("cpu-kernel", "load artefact (manifest check + dlopen, fresh process)", "–", 0, res["load_ms"],
+            note="" if res["loaded"] else "not loaded"),
+        Row("cpu-kernel", "logit_stats first call, loads the artefact (fresh process)", shape, 4, res["first_call_ms"],
+            note="" if res["used"] else "kernel not used"),
+        Row("cpu-kernel", "logit_stats second call (same process)", shape, 4, res["second_call_ms"],
+            note=f"first − second: {res['first_call_ms'] - res['second_call_ms']:+.1f} ms"),
+    ]
+    return rows
+
+
+def prepare_cpu_kernel(cache: str | None = None) -> tuple[str, float | None, str]:
+    """Build the CPU kernel into ``cache`` (default: a fresh temporary folder, so the build is timed
+    and the user's cache is untouched); returns (cache, build seconds or None, note)."""
+    from entropy_lens.kernels import cpu_aot
+
+    cache = cache or tempfile.mkdtemp(prefix="el-kernel-bench-")
+    try:
+        built = cpu_aot.build(cache)
+    except cpu_aot.KernelBuildError as exc:
+        return cache, None, f"failed: {exc}"[:160]
+    secs = built.seconds or float(built.manifest.get("build_seconds", "nan"))
+    return cache, secs, f"{built.manifest['compiler'].split()[0].rsplit('/', 1)[-1]}, ISA {built.manifest['isa']}"
 
 
 def bench_kernel_tune(n: int, v: int, dtype: torch.dtype, copy_gbs: float, reps: int, quick: bool) -> list[Row]:
@@ -558,6 +689,14 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def json_row(r: Row) -> dict:
+    """One row for the JSON file: the :class:`Row` fields plus ``pct_copy_bw`` (100 × frac_copy);
+    NaN becomes null."""
+    d = asdict(r)
+    d["pct_copy_bw"] = None if r.frac_copy is None else 100 * r.frac_copy
+    return {k: (None if isinstance(x, float) and math.isnan(x) else x) for k, x in d.items()}
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name(0)
@@ -579,7 +718,16 @@ def run(device: str, quick: bool, smoke: bool = False) -> dict:
     rows.append(Row("copy", "copy_", f"{copy_bytes / 1e9:.2f} GB", 0, 2 * copy_bytes / (copy_gbs * 1e9) * 1e3, copy_gbs, 1.0,
                     note="read + write bytes"))
 
-    methods = [m for m in METHODS if cuda or m not in CUDA_ONLY]
+    kernel_rows: list[Row] = []
+    temp_cache = None
+    if not cuda and not smoke:  # (smoke: no C++ build; the kernel rows run only on a given artefact)
+        kcache, build_s, build_note = prepare_cpu_kernel(os.environ.get(KERNEL_CACHE_ENV))
+        if KERNEL_CACHE_ENV not in os.environ:
+            temp_cache = kcache  # removed at the end of the run
+        os.environ[KERNEL_CACHE_ENV] = kcache
+        kernel_rows = bench_cpu_kernel(kcache, build_s, build_note, n, v)
+    skip_cpu_kernel = cuda or (smoke and KERNEL_CACHE_ENV not in os.environ)
+    methods = [m for m in METHODS if (cuda or m not in CUDA_ONLY) and not (skip_cpu_kernel and m in CPU_ONLY)]
     if cuda:
         methods = [m for m in methods if not m.startswith(("proposed", "previous"))]
     if quick and not smoke:
@@ -589,8 +737,10 @@ def run(device: str, quick: bool, smoke: bool = False) -> dict:
         methods += [(f"chunked_logit_stats chunk_rows={cr}", lambda x, i, t, cr=cr: chunked(x, i, t, chunk_rows=cr)) for cr in (5, 10, 48, 170)]
     rows += bench_logits(device, n, v, dt, methods, copy_gbs, reps, rss=(not cuda and not smoke))
     if not cuda and not smoke:
-        rows += bench_logits(device, n, v, dt, ["naive_fp32", "previous_chunked", "chunked_logit_stats", "proposed_compiled"],
+        rows += bench_logits(device, n, v, dt, ["naive_fp32", "previous_chunked", "chunked_logit_stats", "proposed_compiled",
+                                                "cpu_aot_kernel", "logit_stats+cpu_aot"],
                              copy_gbs, reps, tau=0.7, section="logits τ=0.7")
+        rows += kernel_rows
     if cuda:
         rows += bench_kernel_tune(n, v, dt, copy_gbs, reps, quick)
         if not quick:
@@ -612,10 +762,14 @@ def run(device: str, quick: bool, smoke: bool = False) -> dict:
     elif smoke:
         rows += bench_model(device, 2, 16, 1, dict(QWEN2_1P5B, vocab_size=300, hidden_size=32, intermediate_size=64,
                                                     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    if temp_cache is not None:
+        os.environ.pop(KERNEL_CACHE_ENV, None)
+        shutil.rmtree(temp_cache, ignore_errors=True)
     meta = {
         "device": device_name(device), "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "command": "python -m benchmarks.logits_bench " + " ".join(sys.argv[1:]),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "quick": quick,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "TRITON_INTERPRET") if k in os.environ},
     }
@@ -631,7 +785,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write all rows as JSON here")
     p.add_argument("--markdown", default=None, help="also write the markdown tables here")
     p.add_argument("--rss-child", nargs=5, metavar=("METHOD", "N", "V", "DTYPE", "TAU"), help=argparse.SUPPRESS)
+    p.add_argument("--load-child", nargs=3, metavar=("CACHE", "N", "V"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.load_child:
+        cache, n, v = a.load_child
+        print(json.dumps(_load_child(cache, int(n), int(v))))
+        return 0
     if a.rss_child:
         m, n, v, dt, tau = a.rss_child
         print(json.dumps(_rss_child(m, int(n), int(v), dt, float(tau))))
@@ -652,9 +811,14 @@ def main(argv: list[str] | None = None) -> int:
     if a.markdown:
         with open(a.markdown, "w") as f:
             f.write(out + "\n")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"meta": meta, "rows": [asdict(r) for r in res["rows"]]}, f, indent=1)
+    json_path = a.json
+    if json_path is None and not a.smoke:
+        json_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                 f"{device}{'-quick' if a.quick else ''}.json")
+        os.makedirs(os.path.dirname(json_path), exist_ok=True)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"meta": meta, "rows": [json_row(r) for r in res["rows"]]}, f, indent=1)
     return 0
 
 

@@ -12,6 +12,7 @@ from entropy_lens_cli import (
     compare_cmd,
     demo_cmd,
     eval_cmd,
+    kernels_cmd,
     plot_cmd,
     report_cmd,
     sample_cmd,
@@ -40,6 +41,7 @@ def root(
 for _module in (sample_cmd, analyze_cmd, validate_cmd, compare_cmd, train_cmd, plot_cmd, report_cmd, table_cmd, demo_cmd,
                 eval_cmd, attribute_cmd):
     _module.register(app)
+kernels_cmd.register(app)  # the `kernels` group (build, status)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ overwritten in place and only one scratch block is allocated.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +75,17 @@ def _block_stats(x: torch.Tensor, ids: torch.Tensor, inv_t: float, y: torch.Tens
     return m.squeeze(-1) == float("-inf")
 
 
+def _compiled_cpu(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float) -> torch.Tensor | None:
+    """``[4, N]`` fp32 statistics from the ahead-of-time built CPU kernel
+    (:mod:`entropy_lens.kernels.cpu_aot`) when its artefact is on disk and takes this input, else None.
+    Never compiles; ``ENTROPY_LENS_CPU_KERNEL=0`` turns it off."""
+    if logits.device.type != "cpu" or os.environ.get("ENTROPY_LENS_CPU_KERNEL", "1") == "0":
+        return None
+    from entropy_lens.kernels.cpu_aot import logit_stats_kernel
+
+    return logit_stats_kernel(logits, token_ids, temperature)
+
+
 def logit_stats(
     logits: torch.Tensor,
     token_ids: torch.Tensor,
@@ -90,7 +102,10 @@ def logit_stats(
     never changes the result beyond fp32 rounding. ``consume=True`` allows overwriting ``logits`` when it is fp32 with
     contiguous rows (no copy; one scratch buffer); its content is undefined afterwards.
     ``-inf`` logits (masked vocabulary) are allowed; NaN or ``+inf`` raise ``ValueError`` naming
-    the first bad row.
+    the first bad row. On the CPU, fp32 logits with unit column stride go to the ahead-of-time built
+    kernel when ``entropy-lens kernels build`` has put one in the cache (same outputs within fp32
+    rounding, float64 block sums; ``chunk_rows`` and ``consume`` do not apply there); nothing is
+    compiled here.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, V], got shape {tuple(logits.shape)}")
@@ -104,6 +119,10 @@ def logit_stats(
         raise ValueError(f"token_ids has {token_ids.numel()} entries for {n} logit rows")
     if n and (int(token_ids.min()) < 0 or int(token_ids.max()) >= v):
         raise ValueError(f"token id out of range [0, {v}): min {int(token_ids.min())}, max {int(token_ids.max())}")
+    if n:
+        fast = _compiled_cpu(logits, token_ids, temperature)
+        if fast is not None and bool(torch.isfinite(fast).all()):
+            return LogitStats(*fast)  # non-finite rows fall through to the eager path's error
     out = torch.empty(4, n, dtype=torch.float32, device=logits.device)
     if n == 0:
         return LogitStats(*out)

@@ -110,3 +110,11 @@ def arithmetic_rows(n_groups: int = 3, n: int = 4) -> list[dict]:
                 "reward": 1.0 if (g + k) % 2 == 0 else -1.0,
             })
     return rows
+
+
+@pytest.fixture(autouse=True)
+def _eager_cpu_statistics(monkeypatch):
+    """Every test sees the eager CPU statistics path, even where a developer has built the CPU
+    kernel into the real cache (``entropy-lens kernels build``); tests/test_cpu_aot.py switches
+    the kernel on with its own temporary cache."""
+    monkeypatch.setenv("ENTROPY_LENS_CPU_KERNEL", "0")
