@@ -133,3 +133,53 @@ def test_validate_on_extreme_old_logp_stays_finite_through_the_log_ratio_clamp(t
     tokens, summary = run_validate(tiny_model, tiny_tokenizer, frame, ValidateSettings(lr=0.05, jvp=False), "r.jsonl")
     assert np.isfinite(tokens["dh_measured"]).all() and math.isfinite(summary["loss"])
     assert _params_equal(tiny_model, theta)
+
+
+def test_jvp_through_sdpa_math_equals_eager_attention():
+    """With ``attention="sdpa-math"`` an SDPA model keeps SDPA (math backend) for the JVP; the values
+    equal eager attention's."""
+    from conftest import make_model
+
+    from entropy_lens.model.jvp import forward_ad_attention
+
+    sdpa = make_model(seed=3, attn="sdpa").double()
+    eager = make_model(seed=3, attn="eager").double()
+    packed, before, adv = _setup(sdpa, seed=2)
+    theta = snapshot(sdpa)
+    delta, _ = one_step_update(sdpa, packed, grpo_token_mean_loss(before["logp"], adv, packed.mask), 0.05, "sgd")
+    restore(sdpa, theta)
+    with forward_ad_attention(sdpa, "sdpa-math") as kind_sdpa:
+        assert sdpa.config._attn_implementation == "sdpa"
+    with forward_ad_attention(eager, "sdpa-math") as kind_eager:  # not an SDPA model: eager
+        assert eager.config._attn_implementation == "eager"
+    with forward_ad_attention(sdpa) as kind_default:  # the default switches to eager and back
+        assert sdpa.config._attn_implementation == "eager"
+    assert (kind_sdpa, kind_eager, kind_default) == ("sdpa-math", "eager", "eager")
+    with pytest.raises(ValueError, match="attention for the JVP must be one of eager, sdpa-math, got 'flash'"):
+        with forward_ad_attention(sdpa, "flash"):
+            pass
+    got = jvp_prediction(sdpa, packed, theta, delta, 1.0, 4, attention="sdpa-math")
+    ref = jvp_prediction(eager, packed, theta, delta, 1.0, 4)
+    assert float(ref[packed.mask].abs().max()) > 1e-4
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-7)
+    assert sdpa.config._attn_implementation == "sdpa"  # left as it was
+
+
+def test_non_sdpa_models_fall_back_to_eager_attention_and_back(monkeypatch):
+    from conftest import make_model
+
+    from entropy_lens.model import jvp
+
+    model = make_model(seed=4, attn="eager")
+    model.config._attn_implementation = "flash_attention_2"  # what a GPU checkpoint may carry
+    calls = []
+
+    def record(m, implementation):  # flash-attn is not installed here: record the switch only
+        calls.append(implementation)
+        m.config._attn_implementation = implementation
+
+    monkeypatch.setattr(jvp, "set_attention", record)
+    with jvp.forward_ad_attention(model) as kind:
+        inside = model.config._attn_implementation
+    assert (kind, inside) == ("eager", "eager")
+    assert calls == ["eager", "flash_attention_2"] and model.config._attn_implementation == "flash_attention_2"

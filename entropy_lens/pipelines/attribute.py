@@ -31,8 +31,7 @@ from entropy_lens.model.forward import (
     scatter_rows,
 )
 from entropy_lens.model.head import final_hidden, head_weights
-from entropy_lens.model.jvp import jvp_prediction
-from entropy_lens.model.load import set_attention
+from entropy_lens.model.jvp import forward_ad_attention, jvp_prediction
 from entropy_lens.model.update import (
     grpo_token_mean_loss,
     one_step_update,
@@ -325,13 +324,10 @@ def real_step(model, packed: PackedBatch, batch: TokenBatch, s: AttributeSetting
 
 
 def run_splits(model, packed: PackedBatch, st: StepState, s: AttributeSettings, timings: dict, progress: Progress | None) -> dict:
-    """``{kind: {part: [B, T]}}`` for every split in ``s.by``, eager attention for the duration."""
-    prev = getattr(model.config, "_attn_implementation", "sdpa")
-    set_attention(model, "eager")
-    try:
+    """``{kind: {part: [B, T]}}`` for every split in ``s.by``, eager attention for the duration
+    (:func:`entropy_lens.model.jvp.forward_ad_attention`)."""
+    with forward_ad_attention(model):
         return {kind: _timed(timings, f"split_{kind}", SPLIT_FUNCTIONS[kind], model, packed, st, s, progress) for kind in s.by}
-    finally:
-        set_attention(model, prev)
 
 
 def long_frame(splits: dict, mask: torch.Tensor) -> pd.DataFrame:
