@@ -417,7 +417,7 @@ class MethodSpec:
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_NAME_RE = re.compile(r"[a-z][a-z0-9_]*")  # whole name (fullmatch: "$" would let a final "\n" through)
 
 
 def register_method(
@@ -435,7 +435,7 @@ def register_method(
     ``needs`` ⊆ :data:`INPUTS`: inputs the method requires (the trainer, compare and the adapters
     check them before calling it).
     """
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise ValueError(f"method name must be snake_case, got {name!r}")
     if name in _REGISTRY:
         raise ValueError(f"method {name!r} is already registered")
