@@ -6,14 +6,12 @@ in one process."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 from conftest import make_model, make_tokenizer
+from test_dist import _single, _torchrun
 from typer.testing import CliRunner
 
 from entropy_lens.model.generate import batch_seed, generate_batches, response_jobs
@@ -21,17 +19,8 @@ from entropy_lens.pipelines.sample import parts_dir_for
 from entropy_lens_cli.app import app
 
 HERE = Path(__file__).parent
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 PROBLEMS = [("what is 1 + 2 ?", "3"), ("what is 3 + 4 ?", "7"), ("what is 12 + 3 ?", "15"),
             ("what is 2 + 2 ?", "4"), ("what is 5 + 1 ?", "6")]
-
-
-def _env(**extra) -> dict[str, str]:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", **extra)
-    return env
 
 
 def _args(model_dir: Path, data: Path, out: Path) -> list[str]:
@@ -39,21 +28,6 @@ def _args(model_dir: Path, data: Path, out: Path) -> list[str]:
     return ["sample", "--model", str(model_dir), "-d", str(data), "-n", "3", "--max-new-tokens", "6",
             "--temperature", "0.8", "--batch-size", "2", "--shard-batches", "2", "--seed", "7", "--device", "cpu",
             "-o", str(out)]
-
-
-def _torchrun(args: list[str], script: list[str] | None = None, timeout: float = 120, **env):
-    target = script or ["--no-python", str(Path(sys.executable).parent / "entropy-lens")]
-    return subprocess.run([*TORCHRUN, *target, *args], check=False, capture_output=True, text=True, timeout=timeout,
-                          env=_env(**env), cwd=HERE.parent)
-
-
-def _single(args: list[str]):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as every torchrun rank (OMP_NUM_THREADS=1): the same arithmetic
-    try:
-        return CliRunner().invoke(app, args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

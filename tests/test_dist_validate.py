@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import arithmetic_rows, write_rollouts
-from test_dist import TORCHRUN, _env, _single
+from test_dist import TORCHRUN, _env, _single, _torchrun
 from typer.testing import CliRunner
 
 from entropy_lens.methods.base import MethodTerms, Penalty
@@ -104,11 +104,6 @@ def test_update_on_two_ranks_is_the_single_process_update(tmp_path):
 def _args(model_dir: Path, rollouts: Path, out: Path) -> list[str]:
     return ["validate", "--model", str(model_dir), "--rollouts", str(rollouts), "--optimizer", "adamw", "--lr", "1e-3",
             "--micro-batch", "2", "--device", "cpu", "-o", str(out)]
-
-
-def _torchrun(args: list[str], script: list[str], timeout: float = 150, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([*TORCHRUN, *script, *args], check=False, capture_output=True, text=True, timeout=timeout,
-                          env=_env(**env), cwd=HERE.parent)
 
 
 @pytest.fixture(scope="module")
