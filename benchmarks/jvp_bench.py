@@ -1,7 +1,7 @@
 """`dh_jvp` against one forward + backward of the same micro-batch, per attention path, in one process.
 
-    python -m benchmarks.jvp_bench [--device cpu|cuda] [--hidden 256] [--layers 4] [--vocab 8192] \
-        [--seqs 4] [--tokens 256] [--reps 3]
+    python -m benchmarks.jvp_bench [--device cpu|cuda] [--dtype float32|bfloat16] [--hidden 256] \
+        [--layers 4] [--vocab 8192] [--seqs 4] [--tokens 256] [--reps 3]
 
 A randomly initialised Llama-shaped model built from a config (nothing downloaded), ``--seqs``
 sequences of ``--tokens`` response tokens after an 8-token prompt. Timed, round-robin over
@@ -33,7 +33,7 @@ from entropy_lens.model.forward import pack, response_logp_entropy
 from entropy_lens.model.jvp import jvp_prediction
 
 
-def build(hidden: int, layers: int, vocab: int, device: str):
+def build(hidden: int, layers: int, vocab: int, device: str, dtype: str = "float32"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -41,7 +41,7 @@ def build(hidden: int, layers: int, vocab: int, device: str):
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
                       tie_word_embeddings=True, attn_implementation="sdpa")
-    return LlamaForCausalLM(cfg).to(device).eval()
+    return LlamaForCausalLM(cfg).to(device=device, dtype=getattr(torch, dtype)).eval()
 
 
 def _sync(device: str) -> None:
@@ -52,6 +52,7 @@ def _sync(device: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=8192)
@@ -60,7 +61,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
-    model = build(a.hidden, a.layers, a.vocab, a.device)
+    model = build(a.hidden, a.layers, a.vocab, a.device, a.dtype)
     g = torch.Generator().manual_seed(0)
     packed = pack([torch.randint(0, a.vocab, (8,), generator=g).tolist() for _ in range(a.seqs)],
                   [torch.randint(0, a.vocab, (a.tokens,), generator=g).tolist() for _ in range(a.seqs)], 0)
@@ -96,7 +97,8 @@ def main() -> None:
     diff = float((results["eager"] - results["sdpa-math"]).abs().max())
     rows = [{"path": k, "ms": round(statistics.median(v), 1), "vs_forward_backward": round(statistics.median(v) / base, 2)}
             for k, v in times.items()]
-    shape = {"hidden": a.hidden, "layers": a.layers, "vocab": a.vocab, "seqs": a.seqs, "tokens": a.tokens}
+    shape = {"hidden": a.hidden, "layers": a.layers, "vocab": a.vocab, "seqs": a.seqs, "tokens": a.tokens,
+             "dtype": a.dtype}
     out = a.out or Path(f"benchmarks/results/jvp_{a.device.split(':')[0]}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": a.device, "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU rows of benchmarks/RESULTS.md in one run (one CUDA GPU, torch with CUDA and triton;
+# nothing downloaded: every model is built from a config). About 6-8 minutes on an H100/H200.
+#   bash benchmarks/gpu_check.sh [OUT]        # results under OUT (default: benchmarks/results/gpu)
+# Each step has its own time limit and its exit status is printed; a failing step does not stop
+# the others. Paste OUT/*.md into benchmarks/RESULTS.md ("GPU").
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-benchmarks/results/gpu}"
+mkdir -p "$OUT"
+python -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible'" || exit 2
+
+step() {  # step NAME LIMIT_SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "$name: exit $? in $((SECONDS - t0)) s ($OUT/$name.log)"
+}
+
+# 1. the Triton kernels compiled on the GPU against float64 (incl. V = 151,936 bf16)
+step kernel-tests 180 python -m pytest -q tests/test_kernels.py
+# 2. the statistics kernel and the fused head against the baselines, quick mode (no sweeps)
+step logits-bench 240 python -m benchmarks.logits_bench --device cuda --quick \
+  --json "$OUT/logits_cuda.json" --markdown "$OUT/logits_cuda.md"
+# 3. dh_jvp against forward + backward on a 1.5B-shaped model, bf16, 4 x 1,024 tokens, per attention path
+step jvp-bench 180 python -m benchmarks.jvp_bench --device cuda --dtype bfloat16 --hidden 1536 --layers 28 \
+  --vocab 151936 --seqs 4 --tokens 1024 --reps 3 --out "$OUT/jvp_cuda.json"
+echo "results in $OUT"
