@@ -119,6 +119,26 @@ def _chunk_softmax(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return q, logq, -(q * logq).sum(-1)
 
 
+def _chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float,
+            chunk_rows: int):
+    """``(rows, h̃, π, log π, H)`` for consecutive chunks of ``chunk_rows`` tokens: the one loop of
+    the LM-head forms, so that only one ``[r, V]`` block is alive at a time."""
+    hb = _with_bias(hidden, bias)
+    for i in range(0, hidden.shape[0], chunk_rows):
+        sl = slice(i, i + chunk_rows)
+        yield (sl, hb[sl], *_chunk_softmax(hidden[sl], weight, bias, temperature))
+
+
+def _entropy_logit_grad(q: torch.Tensor, logq: torch.Tensor, ent: torch.Tensor) -> torch.Tensor:
+    """a = π ⊙ (log π + H), ``[r, V]``: minus the gradient of H with respect to the logits u."""
+    return q * (logq + ent[:, None])
+
+
+def _head_scale(lr: float, n_tokens: int, temperature: float) -> float:
+    """η/(Lτ²), the constant of eq. 6, 8 and 12."""
+    return lr / (max(int(n_tokens), 1) * temperature**2)
+
+
 def head_update_direction(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -132,12 +152,9 @@ def head_update_direction(
     η/(Lτ), accumulated over chunks of ``chunk_rows`` tokens so that only one ``[r, V]`` block is
     alive. ``hidden`` ``[N, D]`` final hidden states, ``weight`` ``[V, D]``, ``bias`` ``[V]`` or
     None, ``ids`` ``[N]`` sampled tokens y_k, ``coef`` ``[N]`` c_k = I_k·A_k·r_k."""
-    hb = _with_bias(hidden, bias)
-    g = torch.zeros(weight.shape[0], hb.shape[1], dtype=hidden.dtype)
-    for i in range(0, hidden.shape[0], chunk_rows):  # bounded memory: one [r, V] block
-        sl = slice(i, i + chunk_rows)
-        q, _, _ = _chunk_softmax(hidden[sl], weight, bias, temperature)
-        ch = coef[sl, None].to(hidden.dtype) * hb[sl]
+    g = torch.zeros(weight.shape[0], _with_bias(hidden[:1], bias).shape[1], dtype=hidden.dtype)
+    for sl, h, q, _, _ in _chunks(hidden, weight, bias, temperature, chunk_rows):
+        ch = coef[sl, None].to(hidden.dtype) * h
         g -= q.T @ ch
         g.index_add_(0, ids[sl], ch)
     return g
@@ -165,14 +182,10 @@ def dh_lm_head(
     Arguments as in :func:`head_update_direction`; ``lr`` η, ``n_tokens`` L.
     """
     g = head_update_direction(hidden, weight, bias, ids, coef, temperature, chunk_rows)
-    hb = _with_bias(hidden, bias)
     out = torch.empty(hidden.shape[0], dtype=hidden.dtype)
-    scale = lr / (max(int(n_tokens), 1) * temperature**2)
-    for i in range(0, hidden.shape[0], chunk_rows):
-        sl = slice(i, i + chunk_rows)
-        q, logq, ent = _chunk_softmax(hidden[sl], weight, bias, temperature)
-        a = q * (logq + ent[:, None])
-        out[sl] = -scale * (a * (hb[sl] @ g.T)).sum(-1)
+    scale = _head_scale(lr, n_tokens, temperature)
+    for sl, h, q, logq, ent in _chunks(hidden, weight, bias, temperature, chunk_rows):
+        out[sl] = -scale * (_entropy_logit_grad(q, logq, ent) * (h @ g.T)).sum(-1)
     return out
 
 
@@ -190,11 +203,10 @@ def dh_lm_head_reference(
     ``[N, V]`` distributions; for tests and small batches."""
     hb = _with_bias(hidden, bias)
     q, logq, ent = _chunk_softmax(hidden, weight, bias, temperature)
-    a = q * (logq + ent[:, None])
+    a = _entropy_logit_grad(q, logq, ent)
     bracket = a[:, ids] - a @ q.T  # [j, k] = a_j(y_k) − a_j·π_k
     kernel = hb @ hb.T
-    scale = lr / (max(int(n_tokens), 1) * temperature**2)
-    return -scale * (kernel * bracket * coef[None, :].to(hidden.dtype)).sum(-1)
+    return -_head_scale(lr, n_tokens, temperature) * (kernel * bracket * coef[None, :].to(hidden.dtype)).sum(-1)
 
 
 def head_receiver_direction(
@@ -208,12 +220,9 @@ def head_receiver_direction(
     token's entropy gradient with respect to its logits, weighted by its hidden state; accumulated
     over chunks of ``chunk_rows`` tokens (one ``[r, V]`` block alive). Arguments as in
     :func:`head_update_direction`."""
-    hb = _with_bias(hidden, bias)
-    r = torch.zeros(weight.shape[0], hb.shape[1], dtype=hidden.dtype)
-    for i in range(0, hidden.shape[0], chunk_rows):
-        sl = slice(i, i + chunk_rows)
-        q, logq, ent = _chunk_softmax(hidden[sl], weight, bias, temperature)
-        r += (q * (logq + ent[:, None])).T @ hb[sl]
+    r = torch.zeros(weight.shape[0], _with_bias(hidden[:1], bias).shape[1], dtype=hidden.dtype)
+    for _, h, q, logq, ent in _chunks(hidden, weight, bias, temperature, chunk_rows):
+        r += _entropy_logit_grad(q, logq, ent).T @ h
     return r
 
 
@@ -238,13 +247,9 @@ def dh_lm_head_source(
     with R of :func:`head_receiver_direction`. Σ_k S_k = Σ_j dh_lm_head_j. Two passes over chunks
     of ``chunk_rows`` tokens, memory ``[V, D] + [r, V]``. Arguments as in :func:`dh_lm_head`."""
     r = head_receiver_direction(hidden, weight, bias, temperature, chunk_rows)
-    hb = _with_bias(hidden, bias)
     out = torch.empty(hidden.shape[0], dtype=hidden.dtype)
-    scale = lr / (max(int(n_tokens), 1) * temperature**2)
-    for i in range(0, hidden.shape[0], chunk_rows):
-        sl = slice(i, i + chunk_rows)
-        q, _, _ = _chunk_softmax(hidden[sl], weight, bias, temperature)
-        h = hb[sl]
+    scale = _head_scale(lr, n_tokens, temperature)
+    for sl, h, q, _, _ in _chunks(hidden, weight, bias, temperature, chunk_rows):
         bracket = (h * r[ids[sl]]).sum(-1) - (q * (h @ r.T)).sum(-1)
         out[sl] = -scale * coef[sl].to(hidden.dtype) * bracket
     return out
