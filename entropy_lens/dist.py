@@ -150,22 +150,39 @@ def init_from_env(device_type: str = "cpu", describe: Describe = describe_error)
                  timeout_s=timeout, describe=describe)
 
 
-def close(ranks: Ranks) -> None:
-    """Leave the process group (nothing for a single process)."""
+def close(ranks: Ranks, synchronize: bool = True) -> None:
+    """Leave the process group (nothing for a single process). With ``synchronize`` every rank
+    first waits at a barrier for the others (rank 0 is the last to finish: it merges and writes),
+    so no rank tears its connections down while a peer may still use them; a barrier that fails
+    (a peer already gone) is ignored, since the group is being left anyway. Pass False after a
+    rank was lost, where the barrier could only time out."""
     import torch.distributed as tdist
 
-    if ranks.distributed and tdist.is_initialized():
-        tdist.destroy_process_group()
+    if not (ranks.distributed and tdist.is_initialized()):
+        return
+    if synchronize:
+        try:
+            tdist.monitored_barrier(group=ranks.group, timeout=timedelta(seconds=ranks.timeout_s), wait_all_ranks=True)
+        except RuntimeError:  # a peer that exited or died: nothing left to wait for
+            pass
+    tdist.destroy_process_group()
 
 
 @contextmanager
 def session(device_type: str = "cpu", describe: Describe = describe_error) -> Iterator[Ranks]:
-    """:func:`init_from_env` for the block, :func:`close` after it."""
+    """:func:`init_from_env` for the block, :func:`close` after it: synchronized after the block
+    ended or failed on every rank alike, not after a lost rank (:class:`RankFailed` not agreed) or
+    an interrupt."""
     ranks = init_from_env(device_type, describe)
+    synchronize = False
     try:
         yield ranks
+        synchronize = True
+    except RankFailed as exc:
+        synchronize = exc.agreed
+        raise
     finally:
-        close(ranks)
+        close(ranks, synchronize)
 
 
 def shard_indices(n_shards: int, rank: int, world_size: int) -> list[int]:

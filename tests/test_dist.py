@@ -70,6 +70,47 @@ def test_rank_failed_names_every_failed_rank():
     assert e.exit_code == 2 and e.agreed
 
 
+def test_session_leaves_the_group_together_unless_a_rank_was_lost(monkeypatch):
+    """The closing barrier runs after a block that ended or failed alike on every rank, never after
+    a lost rank (it could only time out); a barrier that fails is ignored; the group is always left."""
+    import torch.distributed as tdist
+
+    calls: list[str] = []
+    two = dist.Ranks(rank=0, world_size=2, timeout_s=7.0)
+    monkeypatch.setattr(dist, "init_from_env", lambda *a, **k: two)
+    monkeypatch.setattr(tdist, "is_initialized", lambda: True)
+    monkeypatch.setattr(tdist, "destroy_process_group", lambda: calls.append("destroy"))
+
+    def barrier(group=None, timeout=None, wait_all_ranks=False):
+        calls.append(f"barrier {timeout.total_seconds():g}")
+
+    monkeypatch.setattr(tdist, "monitored_barrier", barrier)
+    with dist.session():
+        pass
+    assert calls == ["barrier 7", "destroy"]
+    calls.clear()
+    with pytest.raises(dist.RankFailed), dist.session():
+        raise dist.RankFailed([(1, "bad", 2)], 2, rank=0)
+    assert calls == ["barrier 7", "destroy"]
+    calls.clear()
+    with pytest.raises(dist.RankFailed), dist.session():
+        raise dist.RankFailed([(None, "lost", 2)], 2, rank=0, agreed=False)
+    assert calls == ["destroy"]
+    calls.clear()
+    with pytest.raises(KeyError), dist.session():
+        raise KeyError("k")
+    assert calls == ["destroy"]
+
+    def gone(**_):
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(tdist, "monitored_barrier", gone)
+    calls.clear()
+    with dist.session():
+        pass
+    assert calls == ["destroy"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Real 2-rank runs
 # ---------------------------------------------------------------------------------------------
@@ -91,6 +132,13 @@ def _torchrun(args: list[str], script: list[str] | None = None, timeout: float =
     return subprocess.run([*TORCHRUN, *target, *args], check=False, capture_output=True, text=True,
                           timeout=timeout,
                           env=_env(**env), cwd=HERE.parent)
+
+
+def _why(res: subprocess.CompletedProcess) -> str:
+    """A failed launch's stderr for the assertion message: its start (where a rank's own error
+    is) and its end (torchrun's summary), whatever the length."""
+    err = res.stderr
+    return err if len(err) <= 6000 else f"{err[:3000]}\n[...]\n{err[-3000:]}"
 
 
 def _single(args: list[str]):
@@ -138,7 +186,7 @@ def _close(x, y) -> bool:
 def test_two_ranks_write_the_run_of_one_process(single_run, tmp_path):
     model_dir, roll, one = single_run
     res = _torchrun(_args(model_dir, roll, tmp_path / "two"))
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, _why(res)
     assert_same_run(one, tmp_path / "two", world_size=2)
     assert sorted(p.name for p in (tmp_path / "two" / "shards").glob("shard_*")) == [
         "shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet"]
@@ -157,7 +205,7 @@ def test_failing_rank_fails_the_run_then_one_process_resumes(single_run, tmp_pat
     res = _torchrun(_args(model_dir, roll, out))
     assert res.returncode != 0
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and "rank 1 of 2 failed" in errors[0] and "shard_00001.parquet" in errors[0], res.stderr[-3000:]
+    assert len(errors) == 1 and "rank 1 of 2 failed" in errors[0] and "shard_00001.parquet" in errors[0], _why(res)
     assert not (out / "tokens.parquet").exists() and not (out / "summary.json").exists()
     kept = {k: (out / "shards" / f"shard_0000{k}.parquet").stat().st_mtime_ns for k in (0, 2)}  # 2: rank 0's
     (out / "shards" / "shard_00001.parquet").unlink()
@@ -175,7 +223,7 @@ def test_one_process_run_resumes_on_two_ranks(single_run, tmp_path):
         shutil.copy(one / "shards" / name, out / "shards")
     kept = {k: (out / "shards" / f"shard_0000{k}.parquet").stat().st_mtime_ns for k in (0, 1)}
     res = _torchrun(_args(model_dir, roll, out))
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, _why(res)
     assert {k: (out / "shards" / f"shard_0000{k}.parquet").stat().st_mtime_ns for k in (0, 1)} == kept
     assert_same_run(one, out, world_size=2)
 
@@ -189,7 +237,7 @@ def test_hung_rank_stops_the_others_at_the_timeout(single_run, tmp_path):
                     DIST_HOOK_RANK="1", DIST_HOOK_MODE="hang", ENTROPY_LENS_DIST_TIMEOUT="10")
     assert res.returncode != 0
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1, res.stderr[-3000:]
+    assert len(errors) == 1, _why(res)
     assert "did not all reach the agreement within 10 s" in errors[0] and "Ranks 1 failed" in errors[0]
     assert not (out / "tokens.parquet").exists() and not (out / "summary.json").exists()
 

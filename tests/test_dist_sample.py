@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import make_model, make_tokenizer
-from test_dist import _single, _torchrun
+from test_dist import _single, _torchrun, _why
 from typer.testing import CliRunner
 
 from entropy_lens.model.generate import batch_seed, generate_batches, response_jobs
@@ -66,7 +66,7 @@ def test_two_ranks_write_the_rollouts_of_one_process(single_run, tmp_path):
     model_dir, data, one = single_run
     out = tmp_path / "two.parquet"
     res = _torchrun(_args(model_dir, data, out))
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, _why(res)
     assert_same_rollouts(one, out, world_size=2)
     assert res.stdout.count("wrote ") == 1 and "on 2 ranks" in res.stdout  # only rank 0 prints
     assert "tokens" in res.stderr  # rank 0's progress bars: responses and tokens (with their rate)
@@ -113,7 +113,7 @@ def test_failing_rank_fails_the_run_then_one_process_resumes(single_run, tmp_pat
     res = _torchrun(_args(model_dir, data, out), script=[str(hook)], DIST_HOOK_RANK="1")
     assert res.returncode != 0
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1, res.stderr[-3000:]
+    assert len(errors) == 1, _why(res)
     assert "rank 1 of 2 failed" in errors[0] and "injected failure" in errors[0]
     assert not out.exists()  # nothing merged
     parts = parts_dir_for(out)
@@ -147,7 +147,7 @@ def test_one_process_run_resumes_on_two_ranks(single_run, tmp_path, monkeypatch)
     assert _shards(parts) == ["shard_00000.parquet"] and not out.exists()
     _mark(parts / "shard_00000.parquet")
     res = _torchrun(_args(model_dir, data, out))
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, _why(res)
     assert_same_rollouts(one, out, world_size=2, marked=0)
     assert not parts.exists()
 

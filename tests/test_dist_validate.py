@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import arithmetic_rows, write_rollouts
-from test_dist import TORCHRUN, _env, _single, _torchrun
+from test_dist import TORCHRUN, _env, _single, _torchrun, _why
 from typer.testing import CliRunner
 
 from entropy_lens.methods.base import MethodTerms, Penalty
@@ -67,7 +67,7 @@ def test_update_on_two_ranks_is_the_single_process_update(tmp_path):
     zeros and keeps one missing on every rank missing; buckets over mixed dtypes; the row merge."""
     res = subprocess.run([*TORCHRUN, str(HERE / "dist_update_worker.py"), str(tmp_path)], check=False,
                          capture_output=True, text=True, timeout=150, env=_env(), cwd=HERE.parent)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, _why(res)
     sys.path.insert(0, str(HERE))
     import dist_update_worker
 
@@ -120,7 +120,7 @@ def test_two_ranks_validate_as_one_process(single_validate, tmp_path):
     model_dir, roll, one = single_validate
     two = tmp_path / "two"
     res = _torchrun(_args(model_dir, roll, two), ENTRY)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, _why(res)
     ta, tb = pd.read_parquet(one / "tokens.parquet"), pd.read_parquet(two / "tokens.parquet")
     assert list(ta.columns) == list(tb.columns) and len(ta) == len(tb) == 90
     for c in ta.columns:
@@ -158,7 +158,7 @@ def test_failing_rank_fails_the_run_and_writes_nothing(single_validate, tmp_path
                     DIST_HOOK_TARGET=target, DIST_HOOK_MODE=mode)
     assert res.returncode != 0
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1, res.stderr[-3000:]
+    assert len(errors) == 1, _why(res)
     assert "rank 1 of 2 failed:" in errors[0] and needle in errors[0] and "injected failure" in errors[0]
     assert f"exitcode  : {code}" in res.stderr  # torchrun's report of the ranks' exit code
     assert not out.exists() or not any(out.iterdir())
