@@ -30,12 +30,9 @@ from entropy_lens_cli.common import (
     prepare_out_dir,
     run_config,
 )
-from entropy_lens_cli.placement import resolve_device
+from entropy_lens_cli.placement import refuse_ranks, resolve_placement
 from entropy_lens_cli.sample_cmd import check_top_p
 
-#: ``--device`` values of ``eval`` (a subset of :data:`entropy_lens_cli.placement.DEVICES`, which
-#: resolves them): ``cpu``, or ``auto`` (a GPU when one is visible, else the CPU).
-DEVICES = ("cpu", "auto")
 #: How summary.json names the default model.
 BUNDLED = "bundled:smollm2-135m-instruct"
 
@@ -63,7 +60,7 @@ def dataset_names(datasets: list[str]) -> list[str]:
 
 
 def check_eval_options(datasets: list[str], k: int, temperature: float, top_p: float, max_new_tokens: int,
-                       reward: str, limit: int | None, batch_size: int, device: str) -> None:
+                       reward: str, limit: int | None, batch_size: int) -> None:
     """Every option of ``eval`` in range (one line naming the option, before any work)."""
     from entropy_lens.rewards import REWARDS
 
@@ -76,7 +73,6 @@ def check_eval_options(datasets: list[str], k: int, temperature: float, top_p: f
     check_choice("--reward", reward, list(REWARDS))
     check_int("--limit", limit)
     check_int("--batch-size", batch_size)
-    check_choice("--device", device, DEVICES)
 
 
 def eval_command(
@@ -91,7 +87,8 @@ def eval_command(
     limit: Annotated[int | None, typer.Option("--limit", help="The first N unique problems of each dataset.")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Responses generated together.")] = 16,
-    device: Annotated[str, typer.Option("--device", help="cpu, or auto (a GPU when there is one).")] = "cpu",
+    device: Annotated[str, typer.Option("--device", help="auto (a GPU when one is visible, else cpu), cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="Model dtype: auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16.")] = "auto",
     tag: Annotated[list[str] | None, typer.Option("--tag", help="key=value stored under summary.json's tags; repeatable.")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow loading pickle-format weights (runs code from the file).")] = False,
     logger: Annotated[list[str] | None, typer.Option("--logger", help="also log the results to: tensorboard (OUT/tensorboard/, at the checkpoint's step tag or 0)")] = None,
@@ -104,8 +101,9 @@ def eval_command(
     dataset, tag = list(dataset or []), list(tag or [])
     for name in logger or []:
         check_choice("--logger", name, ("tensorboard",))
-    check_eval_options(dataset, k, temperature, top_p, max_new_tokens, reward, limit, batch_size, device)
-    where = resolve_device(device)
+    refuse_ranks("eval")
+    check_eval_options(dataset, k, temperature, top_p, max_new_tokens, reward, limit, batch_size)
+    where, dtype = resolve_placement(device, dtype)
     names = dataset_names(dataset)
     tags = parse_tags(tag)
     settings = EvalSettings(k=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, reward=reward,
@@ -113,12 +111,12 @@ def eval_command(
     model_id = input_id(model, "bundled")
     options = {"model": model_id, "datasets": [input_id(d, d) for d in dataset], "k": k, "temperature": temperature,
                "top_p": top_p, "max_new_tokens": max_new_tokens, "reward": reward, "limit": limit, "seed": seed,
-               "batch_size": batch_size}
+               "batch_size": batch_size, "dtype": dtype}
     with prepare_out_dir(out, "eval", options):
         problems = {n: load_problems(d, limit) for n, d in zip(names, dataset)}
         tags = {**checkpoint_tags(model), **tags}
         with console.status("loading model"):
-            mdl, tok = load_checkpoint("--model", model, allow_pickle, device=where)
+            mdl, tok = load_checkpoint("--model", model, allow_pickle, dtype, where)
         summary = evaluate_into(out, mdl, tok, problems, settings, model_id, tags, options)
         if logger:
             log_tensorboard(out, summary)
@@ -148,6 +146,7 @@ def evaluate_into(out: Path, mdl, tok, problems: dict, settings, model_id: str, 
     from dataclasses import asdict
 
     from entropy_lens.io.writers import atomic_write_files, atomic_write_yaml, versions
+    from entropy_lens.model.load import model_device, model_dtype
     from entropy_lens.pipelines.evaluate import run_eval, summarize
 
     config = {"command": "eval", "model": model_id, **asdict(settings), "tags": tags}
@@ -162,6 +161,8 @@ def evaluate_into(out: Path, mdl, tok, problems: dict, settings, model_id: str, 
         "settings": {k: getattr(settings, k) for k in ("k", "temperature", "top_p", "max_new_tokens", "reward", "seed",
                                                       "limit")},
         "tags": tags,
+        "device": str(model_device(mdl)),
+        "dtype": model_dtype(mdl),
         "datasets": summarize(rows, settings),
         "wall_s": round(timing["wall_s"], 2),
         "tokens_per_s": timing["tokens"] / timing["wall_s"] if timing["wall_s"] > 0 else None,

@@ -181,6 +181,10 @@ def test_eval_command_writes_run_and_resumes(tmp_path, tiny_model_dir):
     assert summary["settings"] == {"k": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 5, "reward": "math",
                                    "seed": 0, "limit": 4}
     assert summary["tags"] == {"run": "myrun", "method": "grpo", "seed": "9", "step": "7", "note": "x"}
+    import torch
+
+    gpu = torch.cuda.is_available()  # --device/--dtype auto
+    assert (summary["device"].split(":")[0], summary["dtype"]) == (("cuda", "bfloat16") if gpu else ("cpu", "float32"))
     assert list(summary["datasets"]) == ["aime_like", "table"]
     assert summary["datasets"]["aime_like"]["n_problems"] == 3 and summary["datasets"]["table"]["n_problems"] == 4
     for name, d in summary["datasets"].items():  # recomputed from eval.parquet
@@ -206,7 +210,8 @@ def test_eval_command_writes_run_and_resumes(tmp_path, tiny_model_dir):
     (["--top-p", 0], ["--top-p must be in (0, 1]"]),
     (["--top-p", 1.5], ["--top-p must be in (0, 1]"]),
     (["--temperature", 0], ["--temperature must be > 0"]),
-    (["--device", "cuda:0"], ["--device must be cpu or auto"]),
+    (["--device", "tpu"], ["--device must be auto, cpu, cuda or cuda:N"]),
+    (["--dtype", "int8"], ["--dtype must be auto, float32, bfloat16 or float16"]),
     (["--tag", "novalue"], ["--tag 'novalue': expected key=value"]),
 ])
 def test_bad_options(tmp_path, extra, needles):
@@ -229,4 +234,14 @@ def test_bad_datasets(tmp_path, tiny_model_dir):
     (tmp_path / "x").mkdir()
     twice = verl_file(tmp_path / "x" / "clash.parquet", PROBLEMS[:1])
     one_line(invoke("eval", "-d", clash, "-d", twice, "-o", out), "a second dataset named 'clash'")
+    assert not out.exists()
+
+
+def test_eval_refuses_several_ranks(tmp_path, monkeypatch):
+    """eval does not split its work: under torchrun with 2 ranks it stops with one line, writes nothing."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    d = verl_file(tmp_path / "d.parquet", PROBLEMS[:2])
+    out = tmp_path / "o"
+    one_line(invoke("eval", "-d", d, "-o", out), "eval does not split its work across torchrun ranks")
     assert not out.exists()
