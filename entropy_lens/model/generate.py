@@ -28,6 +28,24 @@ def check_top_p(top_p: float) -> None:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
+#: Key-value caches of the generation loop: ``dynamic`` (grows with the sequence; the default) or
+#: ``static`` (pre-allocated to prompt width + ``max_new_tokens``; on CUDA transformers then compiles
+#: the decoding step, which pays off on long generations after a one-time compile per shape).
+KV_CACHES = ("dynamic", "static")
+
+
+def check_kv_cache(kv_cache: str) -> None:
+    """``kv_cache`` is one of :data:`KV_CACHES`."""
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"kv_cache must be dynamic or static, got {kv_cache!r}")
+
+
+def cache_options(kv_cache: str) -> dict:
+    """The ``model.generate`` keywords of a :data:`KV_CACHES` name (none for ``dynamic``, the default)."""
+    check_kv_cache(kv_cache)
+    return {"cache_implementation": "static"} if kv_cache == "static" else {}
+
+
 def _device_of(model) -> torch.device:
     """The device of the model's first parameter (CPU for a model without parameters)."""
     p = next(iter(model.parameters()), None)
@@ -58,6 +76,7 @@ def generate(
     record_logp: bool = False,
     progress: Callable[[int], None] | None = None,
     top_p: float = 1.0,
+    kv_cache: str = "dynamic",
 ) -> list[dict]:
     """``n`` responses per prompt, prompt-major; the one generation loop of the toolkit.
 
@@ -69,7 +88,9 @@ def generate(
     (an EOS was emitted) and, with ``record_logp``, ``old_logp``: log π(a|s) at τ of every
     response token (nats) under the full tempered softmax (also when ``top_p < 1``), from the
     logits ``generate`` produced. The tokens do not depend on ``record_logp``. ``progress(k)``
-    after each batch of k responses. Inputs go to the model's device; results come back on the CPU.
+    after each batch of k responses. ``kv_cache``: :data:`KV_CACHES` (the tokens agree across the
+    two up to floating-point rounding of the logits). Inputs go to the model's device; results come
+    back on the CPU.
     """
     if temperature is not None and not (temperature > 0):
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -78,6 +99,7 @@ def generate(
         torch.manual_seed(seed)
     sampling = ({"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": float(top_p)}
                 if temperature is not None else {"do_sample": False})
+    sampling.update(cache_options(kv_cache))
     jobs = response_jobs(prompt_ids, n)
     out: list[dict] = []
     for k in range(0, len(jobs), batch_size):
@@ -150,6 +172,7 @@ def generate_batches(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
     top_p: float = 1.0,
+    kv_cache: str = "dynamic",
 ) -> dict[int, list[dict]]:
     """Sampled responses with behaviour log-probs for the batches numbered ``batches`` of ``jobs``
     (:func:`response_jobs`) cut into consecutive batches of ``batch_size`` responses. Batch k is
@@ -157,11 +180,13 @@ def generate_batches(
     on (seed, k, its jobs, the model and the device's arithmetic), not on the other batches: any
     split of the batches across processes gives the same responses as one process running them
     all. Returns ``{k: [dict per response, as sample_responses]}``; ``progress(responses,
-    tokens)`` after each batch (response tokens generated, EOS included)."""
+    tokens)`` after each batch (response tokens generated, EOS included). ``kv_cache``: as
+    :func:`generate`."""
     if not (temperature > 0):
         raise ValueError(f"temperature must be > 0, got {temperature}")
     check_top_p(top_p)
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": float(top_p)}
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": float(top_p),
+                **cache_options(kv_cache)}
     out: dict[int, list[dict]] = {}
     for k in batches:
         chunk = jobs[k * batch_size : (k + 1) * batch_size]
@@ -183,6 +208,7 @@ def sample_responses(
     batch_size: int = 16,
     progress: Callable[[int], None] | None = None,
     top_p: float = 1.0,
+    kv_cache: str = "dynamic",
 ) -> list[dict]:
     """``n`` sampled responses per prompt with their behaviour log-probs: :func:`generate` at τ
     (nucleus ``top_p``) with ``record_logp``. One dict per response, prompt-major order:
@@ -192,4 +218,4 @@ def sample_responses(
     if temperature is None:
         raise ValueError("temperature must be > 0, got None")
     return generate(model, tokenizer, prompt_ids, n, max_new_tokens, batch_size, temperature, seed,
-                    record_logp=True, progress=progress, top_p=top_p)
+                    record_logp=True, progress=progress, top_p=top_p, kv_cache=kv_cache)

@@ -27,7 +27,12 @@ from entropy_lens import dist
 from entropy_lens.io.prompts import chat_prompt_ids
 from entropy_lens.io.tables import InputError, read_json, read_parquet
 from entropy_lens.io.writers import atomic_write_json, atomic_write_parquet
-from entropy_lens.model.generate import check_top_p, generate_batches, response_jobs
+from entropy_lens.model.generate import (
+    check_kv_cache,
+    check_top_p,
+    generate_batches,
+    response_jobs,
+)
 from entropy_lens.rewards import score_batch
 
 #: ``progress(stage, n)``: ``("responses", k)`` and ``("tokens", t)`` after each batch.
@@ -42,7 +47,8 @@ class SampleSettings:
     """``n`` responses per prompt at ``temperature`` τ (nucleus ``top_p``; 1: the full softmax), up
     to ``max_new_tokens`` each, ``seed`` of the per-batch streams, ``reward`` verifier (``math`` or
     ``dapo``) with ``convention`` (``pm1``: ±1, ``01``), ``batch_size`` responses per generate call
-    and ``shard_batches`` batches per resumable shard."""
+    and ``shard_batches`` batches per resumable shard; ``kv_cache`` of the generation loop
+    (:data:`entropy_lens.model.generate.KV_CACHES`)."""
 
     n: int = 8
     temperature: float = 1.0
@@ -53,6 +59,7 @@ class SampleSettings:
     convention: str = "pm1"
     batch_size: int = 16
     shard_batches: int = 8
+    kv_cache: str = "dynamic"
 
 
 def check_sample_settings(s: SampleSettings) -> None:
@@ -64,6 +71,7 @@ def check_sample_settings(s: SampleSettings) -> None:
     if not (s.temperature > 0 and s.temperature != float("inf")):
         raise ValueError(f"temperature must be > 0 and finite, got {s.temperature}")
     check_top_p(s.top_p)
+    check_kv_cache(s.kv_cache)
 
 
 def shard_layout(n_responses: int, settings: SampleSettings) -> list[list[int]]:
@@ -139,7 +147,8 @@ def sample_shard(model, tokenizer, jobs: list[tuple[int, list[int]]], batches: l
             progress("tokens", tokens)
 
     outs = generate_batches(model, tokenizer, jobs, batches, settings.batch_size, settings.max_new_tokens,
-                            settings.temperature, settings.seed, progress=tick, top_p=settings.top_p)
+                            settings.temperature, settings.seed, progress=tick, top_p=settings.top_p,
+                            kv_cache=settings.kv_cache)
     rows = [(k * settings.batch_size + r, o) for k in batches for r, o in enumerate(outs[k])]
     texts = [tokenizer.decode(o["response_ids"], skip_special_tokens=True) for _, o in rows]
     rewards = score_batch(texts, [ground_truth[o["prompt_index"]] for _, o in rows], settings.reward,

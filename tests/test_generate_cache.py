@@ -1,0 +1,43 @@
+"""The key-value cache of the one generation loop: a static (pre-allocated) cache samples the same
+tokens as the default dynamic one from the same seed, with the same behaviour log-probs up to
+floating-point rounding; an unknown cache is one line."""
+
+import pytest
+import torch
+
+from entropy_lens.model.generate import KV_CACHES, cache_options, generate, generate_batches, response_jobs
+
+
+def prompts(tok):
+    """Two prompts of different lengths (left padding inside one batch)."""
+    return [tok(t, add_special_tokens=False)["input_ids"] for t in ("what is 3 + 4 ?", "12 + 30 =")]
+
+
+@pytest.mark.parametrize("temperature", [None, 0.8])  # greedy and sampled
+def test_static_cache_generates_what_the_dynamic_cache_does(tiny_model, tiny_tokenizer, temperature):
+    p = prompts(tiny_tokenizer)
+    runs = {c: generate(tiny_model, tiny_tokenizer, p, 3, 9, 6, temperature, seed=5, record_logp=True, kv_cache=c)
+            for c in KV_CACHES}
+    dyn, sta = runs["dynamic"], runs["static"]
+    assert len(dyn) == len(sta) == 6
+    for a, b in zip(dyn, sta):
+        assert (a["prompt_index"], a["response_ids"], a["finished"]) == (b["prompt_index"], b["response_ids"], b["finished"])
+        assert len(a["response_ids"]) > 0
+        torch.testing.assert_close(torch.tensor(b["old_logp"]), torch.tensor(a["old_logp"]), rtol=1e-5, atol=1e-5)
+
+
+def test_static_cache_in_the_per_batch_streams(tiny_model, tiny_tokenizer):
+    """``sample``'s loop (one random stream per batch) with a static cache: the same responses."""
+    jobs = response_jobs(prompts(tiny_tokenizer), 2)
+    outs = {c: generate_batches(tiny_model, tiny_tokenizer, jobs, [1, 0], 2, 7, 1.0, seed=3, kv_cache=c) for c in KV_CACHES}
+    for k in (0, 1):
+        assert [o["response_ids"] for o in outs["static"][k]] == [o["response_ids"] for o in outs["dynamic"][k]]
+
+
+def test_cache_options_and_refusal(tiny_model, tiny_tokenizer):
+    assert cache_options("dynamic") == {} and cache_options("static") == {"cache_implementation": "static"}
+    with pytest.raises(ValueError, match="kv_cache must be dynamic or static, got 'paged'"):
+        generate(tiny_model, tiny_tokenizer, prompts(tiny_tokenizer), 1, 3, 1, None, kv_cache="paged")
+    with pytest.raises(ValueError, match="kv_cache must be dynamic or static"):
+        generate_batches(tiny_model, tiny_tokenizer, response_jobs(prompts(tiny_tokenizer), 1), [0], 1, 3, 1.0,
+                         kv_cache="Static")
