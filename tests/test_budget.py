@@ -26,6 +26,8 @@ def test_terms_follow_the_documented_formula():
     t = bg.estimate_terms(lengths, L, d, h, V, b, e, True, response_lengths=resp, intermediate=I, n_params=P)
     S, M, act = 30, 25 + 12, (12 * d + 6 * I) * e
     assert t["params"] == 4 * P * e
+    low = bg.estimate_terms(lengths, L, d, h, V, b, 2, True, response_lengths=resp, intermediate=I, n_params=P)
+    assert low["params"] == 22 * P  # bf16 weights + five fp32 copies of the fp32 master path
     assert t["update"] == b * S * L * act + 4 * M * V * 4
     assert t["jvp"] == 6 * b * h * S * S * 4 + 2 * b * S * act + 8 * M * V * 4
     assert t["forward"] == b * S * act + bg.FORWARD_CHUNK_BYTES
