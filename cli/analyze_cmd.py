@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from entropy_lens_cli.common import (
+    ALLOW_PICKLE_HELP,
     add_command,
     check_choice,
     check_int,
@@ -21,10 +22,13 @@ from entropy_lens_cli.common import (
     write_run,
 )
 from entropy_lens_cli.placement import (
+    DEVICE_MAP_HELP,
+    device_map_record,
     prepare_rank_out_dir,
     quiet_status,
     rank_progress,
     rank_session,
+    resolve_device_map,
     resolve_placement,
 )
 
@@ -41,9 +45,10 @@ def analyze(
     advantage: str = typer.Option("grpo", "--advantage", help="grpo, dr_grpo, rloo or opo."),
     shard_size: int = typer.Option(64, "--shard-size", help="Sequences per resumable shard."),
     micro_batch: int = typer.Option(4, "--micro-batch"),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle-format weights (runs code from the file)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
     device: str = typer.Option("auto", "--device", help="auto (a GPU when one is visible, else cpu), cpu, cuda or cuda:N; under torchrun each rank uses cuda:LOCAL_RANK."),
     dtype: str = typer.Option("auto", "--dtype", help="Model dtype: auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16. Statistics are reduced in float32."),
+    device_map: str = typer.Option("none", "--device-map", help=DEVICE_MAP_HELP),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Write the figures the run supports into OUT/figures."),
     out: Path = typer.Option(..., "--out", "-o"),
 ) -> None:
@@ -56,6 +61,7 @@ def analyze(
     from entropy_lens.pipelines.analyze import AnalyzeSettings
 
     check_analyze_options(reward, lr, temperature, eps_low, eps_high, advantage, shard_size, micro_batch)
+    spread = resolve_device_map(device_map, device, "analyze")
     device, dtype = resolve_placement(device, dtype)
     src = rollouts if rollouts is not None else default_rollouts()
     options = {"model": input_id(model, "bundled"), "next_model": input_id(next_model, ""), "rollouts": input_id(src, ""),
@@ -66,7 +72,7 @@ def analyze(
     with rank_session(device) as ranks, prepare_rank_out_dir(out, "analyze", options, ranks):
         with dist.agreed(ranks):
             frame = with_rewards(ro.load_rollouts(src), reward, src)
-        placement = {"device": device, "dtype": dtype}
+        placement = {"device": device, "dtype": dtype, "device_map": spread}
         summary = analyze_into(out, frame, src, (model, next_model), settings, allow_pickle, options, placement, ranks)
         if not ranks.is_main:
             return
@@ -112,19 +118,22 @@ def with_rewards(frame, reward: Optional[str], src: Path):
 def analyze_into(out: Path, frame, src: Path, models: tuple[Optional[str], Optional[str]], settings,
                  allow_pickle: bool, options: dict, placement: dict, ranks) -> dict | None:
     """Load the checkpoint(s) (``models``: ``--model``, ``--next-model``) on ``placement``'s device
-    and dtype, run the analysis (shards in OUT/shards; this rank's share of them) and, on rank 0,
-    write the run; returns the summary there (None on the other ranks)."""
+    and dtype, or spread by its ``device_map`` (None: not spread; recorded as ``device_map`` and
+    ``model_devices``: :func:`device_map_record`), run the analysis (shards in OUT/shards; this rank's share of them) and, on
+    rank 0, write the run; returns the summary there (None on the other ranks)."""
     from entropy_lens import dist
     from entropy_lens.pipelines.analyze import check_same_vocab, run_analyze
 
     model, next_model = models
     t0 = time.time()
+    where = (placement["dtype"], placement["device"], placement["device_map"])
     with dist.agreed(ranks), quiet_status(ranks, "loading model"):
-        mdl, tok = load_checkpoint("--model", model, allow_pickle, placement["dtype"], placement["device"])
+        mdl, tok = load_checkpoint("--model", model, allow_pickle, *where)
         nxt = None
         if next_model is not None:
-            nxt, _ = load_checkpoint("--next-model", next_model, allow_pickle, placement["dtype"], placement["device"])
+            nxt, _ = load_checkpoint("--next-model", next_model, allow_pickle, *where)
             check_same_vocab(mdl, nxt, str(next_model))
+    placement = {**placement, **device_map_record(placement["device_map"], mdl, nxt)}
     mine = dist.shard_indices(-(-len(frame) // settings.shard_size), ranks.rank, ranks.world_size)
     rows = [i for k in mine for i in range(k * settings.shard_size, min((k + 1) * settings.shard_size, len(frame)))]
     n_tok = estimate_tokens(frame.iloc[rows], tok)

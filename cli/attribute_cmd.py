@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from entropy_lens_cli.common import (
+    ALLOW_PICKLE_HELP,
     add_command,
     check_choice,
     check_int,
@@ -22,6 +23,7 @@ from entropy_lens_cli.common import (
     prepare_out_dir,
     stage_progress,
 )
+from entropy_lens_cli.placement import REFUSED_DEVICE_MAP_HELP, refuse_ranks, resolve_device_map
 
 
 def parse_by(by: str) -> tuple[str, ...]:
@@ -79,7 +81,8 @@ def attribute(
     micro_batch: int = typer.Option(4, "--micro-batch", help="Sequences per forward/backward/JVP."),
     chunk_rows: int = typer.Option(256, "--chunk-rows", help="Tokens per chunk of the LM-head estimator (memory only; the result does not change)."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Write the figures the run supports into OUT/figures."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle-format weights (runs code from the file)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
+    device_map: str = typer.Option("none", "--device-map", hidden=True, help=REFUSED_DEVICE_MAP_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory to write."),
 ) -> None:
     """Split each token's dh_jvp by parameter group and by source; LM-head estimators (writes
@@ -95,6 +98,8 @@ def attribute(
     )
 
     check_attribute_options(lr, optimizer, temperature, eps_low, eps_high, micro_batch, limit, max_len, chunk_rows)
+    refuse_ranks("attribute")
+    resolve_device_map(device_map, "cpu", "attribute")
     splits = parse_by(by)
     src = rollouts if rollouts is not None else default_rollouts()
     options = {"model": input_id(model, "bundled"), "rollouts": input_id(src, ""), "lr": lr, "optimizer": optimizer,

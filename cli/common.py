@@ -345,15 +345,21 @@ def run_config(config: dict, options: dict | None, versions: dict) -> dict:
     return out
 
 
+#: ``--allow-pickle``'s help, the same on every command that loads a model.
+ALLOW_PICKLE_HELP = ("Allow pickle-format weights (pytorch_model*.bin, *.pt); loading them can run code from the file. "
+                     "Safetensors, and verl shard files that torch.load(weights_only=True) reads, need no flag.")
+
+
 def load_checkpoint(option: str, path: str | None, allow_pickle: bool = False, dtype: str = "float32",
-                    device: str = "cpu"):
+                    device: str = "cpu", device_map: str | None = None):
     """``(model, tokenizer)`` of ``--model``/``--next-model`` (:func:`entropy_lens.model.load.load_model`;
-    None: the bundled model) in ``dtype`` on ``device``; a failure the loader does not name (e.g. a
-    corrupt safetensors file) is named by the option."""
+    None: the bundled model) in ``dtype`` on ``device``, or spread by ``device_map`` (``--device-map``;
+    None: not spread); a failure the loader does not name (e.g. a corrupt safetensors file) is named
+    by the option."""
     from entropy_lens.model.load import ModelLoadError, load_model
 
     try:
-        return load_model(path, dtype=dtype, allow_pickle=allow_pickle, device=device)
+        return load_model(path, dtype=dtype, allow_pickle=allow_pickle, device=device, device_map=device_map)
     except ModelLoadError:
         raise
     except Exception as exc:  # only expected failures are renamed; bugs pass on

@@ -28,6 +28,7 @@ from entropy_lens.pipelines.compare import (
     validate_tokens_frame,
 )
 from entropy_lens_cli.common import (
+    ALLOW_PICKLE_HELP,
     DTYPES,
     add_command,
     check_choice,
@@ -38,7 +39,13 @@ from entropy_lens_cli.common import (
     prepare_out_dir,
     recorded,
 )
-from entropy_lens_cli.placement import check_device, refuse_ranks, resolve_placement
+from entropy_lens_cli.placement import (
+    REFUSED_DEVICE_MAP_HELP,
+    check_device,
+    refuse_ranks,
+    resolve_device_map,
+    resolve_placement,
+)
 
 
 def parse_overrides(items: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
@@ -79,9 +86,10 @@ def compare(
     model: Annotated[Optional[str], typer.Option("--model", help="with --measure: HF folder or verl checkpoint (default: bundled model)")] = None,
     rollouts: Annotated[Optional[Path], typer.Option("--rollouts", "-r", help="with --measure: the rollouts TOKENS was computed from")] = None,
     optimizer: Annotated[str, typer.Option("--optimizer", help="with --measure: sgd or adamw")] = "sgd",
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="with --measure: allow loading pickle-format weights (runs code from the file)")] = False,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=f"with --measure: {ALLOW_PICKLE_HELP}")] = False,
     device: Annotated[str, typer.Option("--device", help="with --measure: auto (a GPU when one is visible, else cpu), cpu, cuda or cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="with --measure: model dtype auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16; low precision updates an fp32 master copy")] = "auto",
+    device_map: Annotated[str, typer.Option("--device-map", hidden=True, help=REFUSED_DEVICE_MAP_HELP)] = "none",
 ) -> None:
     """Predict each method's entropy change on one recorded batch (closed-form estimators)."""
     methods = list(method) if method else list_methods()
@@ -93,6 +101,7 @@ def compare(
     check_positive("--lr", lr)
     check_int("--micro-batch", micro_batch)
     check_choice("--optimizer", optimizer, ("sgd", "adamw"))
+    resolve_device_map(device_map, device, "compare")
     refuse_ranks("compare")
     if measure:
         device, dtype = resolve_placement(device, dtype)

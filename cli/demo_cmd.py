@@ -21,7 +21,7 @@ from entropy_lens_cli.common import (
     stage_progress,
     write_run,
 )
-from entropy_lens_cli.placement import resolve_placement
+from entropy_lens_cli.placement import refuse_ranks, resolve_placement
 
 
 def demo(
@@ -31,8 +31,8 @@ def demo(
     max_new_tokens: int = typer.Option(96, "--max-new-tokens"),
     lr: float = typer.Option(1e-4, "--lr", help="SGD learning rate of the validation step."),
     seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("auto", "--device", help="auto or cpu (the validation step runs on the CPU so far)."),
-    dtype: str = typer.Option("auto", "--dtype", help="Model dtype: auto (float32 on the CPU), float32, bfloat16 or float16."),
+    device: str = typer.Option("auto", "--device", help="auto (a GPU when one is visible, else cpu), cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="Model dtype: auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16; the validation step updates an fp32 master copy and measures in float32."),
 ) -> None:
     """Sample → analyze → validate (one real SGD step) → compare methods → figures and report, in runs/demo.
 
@@ -41,12 +41,14 @@ def demo(
     fresh sample is wrong."""
     from entropy_lens.io.datasets import load_prompts
 
+    refuse_ranks("demo")
     check_int("--prompts", prompts)
     check_int("-n", n)
     check_int("--max-new-tokens", max_new_tokens)
     check_positive("--lr", lr)
-    device, dtype = resolve_placement(device, dtype, cpu_only="demo")
-    options = {"prompts": prompts, "n": n, "max_new_tokens": max_new_tokens, "lr": lr, "seed": seed, "dtype": dtype}
+    device, dtype = resolve_placement(device, dtype)
+    options = {"prompts": prompts, "n": n, "max_new_tokens": max_new_tokens, "lr": lr, "seed": seed, "dtype": dtype,
+               "device": device.split(":")[0]}
     t0 = time.time()
     with prepare_out_dir(out, "demo", options):
         table = load_prompts("gsm8k-demo", prompts)

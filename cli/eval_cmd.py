@@ -19,6 +19,7 @@ from rich.progress import (
 from rich.table import Table
 
 from entropy_lens_cli.common import (
+    ALLOW_PICKLE_HELP,
     add_command,
     check_choice,
     check_int,
@@ -30,8 +31,14 @@ from entropy_lens_cli.common import (
     prepare_out_dir,
     run_config,
 )
-from entropy_lens_cli.placement import refuse_ranks, resolve_placement
-from entropy_lens_cli.sample_cmd import check_top_p
+from entropy_lens_cli.placement import (
+    DEVICE_MAP_HELP,
+    device_map_record,
+    refuse_ranks,
+    resolve_device_map,
+    resolve_placement,
+)
+from entropy_lens_cli.sample_cmd import KV_CACHE_HELP, check_kv_cache, check_top_p
 
 #: How summary.json names the default model.
 BUNDLED = "bundled:smollm2-135m-instruct"
@@ -90,12 +97,15 @@ def eval_command(
     device: Annotated[str, typer.Option("--device", help="auto (a GPU when one is visible, else cpu), cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="Model dtype: auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16.")] = "auto",
     tag: Annotated[list[str] | None, typer.Option("--tag", help="key=value stored under summary.json's tags; repeatable.")] = None,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow loading pickle-format weights (runs code from the file).")] = False,
+    device_map: Annotated[str, typer.Option("--device-map", help=DEVICE_MAP_HELP)] = "none",
+    kv_cache: Annotated[str, typer.Option("--kv-cache", help=KV_CACHE_HELP)] = "dynamic",
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=ALLOW_PICKLE_HELP)] = False,
     logger: Annotated[list[str] | None, typer.Option("--logger", help="also log the results to: tensorboard (OUT/tensorboard/, at the checkpoint's step tag or 0)")] = None,
 ) -> None:
     """Sample k answers per unique problem, grade them, and report avg@k and unbiased pass@k
     (resumable: a rerun with the same options continues where it stopped)."""
     from entropy_lens.io.datasets import load_problems
+    from entropy_lens.model.load import model_device, model_dtype
     from entropy_lens.pipelines.evaluate import EvalSettings, checkpoint_tags
 
     dataset, tag = list(dataset or []), list(tag or [])
@@ -103,11 +113,13 @@ def eval_command(
         check_choice("--logger", name, ("tensorboard",))
     refuse_ranks("eval")
     check_eval_options(dataset, k, temperature, top_p, max_new_tokens, reward, limit, batch_size)
+    check_kv_cache(kv_cache)
+    spread = resolve_device_map(device_map, device, "eval")
     where, dtype = resolve_placement(device, dtype)
     names = dataset_names(dataset)
     tags = parse_tags(tag)
     settings = EvalSettings(k=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, reward=reward,
-                            seed=seed, limit=limit, batch_size=batch_size)
+                            seed=seed, limit=limit, batch_size=batch_size, kv_cache=kv_cache)
     model_id = input_id(model, "bundled")
     options = {"model": model_id, "datasets": [input_id(d, d) for d in dataset], "k": k, "temperature": temperature,
                "top_p": top_p, "max_new_tokens": max_new_tokens, "reward": reward, "limit": limit, "seed": seed,
@@ -116,8 +128,9 @@ def eval_command(
         problems = {n: load_problems(d, limit) for n, d in zip(names, dataset)}
         tags = {**checkpoint_tags(model), **tags}
         with console.status("loading model"):
-            mdl, tok = load_checkpoint("--model", model, allow_pickle, dtype, where)
-        summary = evaluate_into(out, mdl, tok, problems, settings, model_id, tags, options)
+            mdl, tok = load_checkpoint("--model", model, allow_pickle, dtype, where, spread)
+        placement = {"device": str(model_device(mdl)), "dtype": model_dtype(mdl), **device_map_record(spread, mdl)}
+        summary = evaluate_into(out, mdl, tok, problems, settings, model_id, tags, options, placement)
         if logger:
             log_tensorboard(out, summary)
     print_summary(summary)
@@ -140,13 +153,14 @@ def log_tensorboard(out: Path, summary: dict) -> None:
         tb.close()
 
 
-def evaluate_into(out: Path, mdl, tok, problems: dict, settings, model_id: str, tags: dict, options: dict) -> dict:
+def evaluate_into(out: Path, mdl, tok, problems: dict, settings, model_id: str, tags: dict, options: dict,
+                  placement: dict | None = None) -> dict:
     """Write config.yaml (the run's identity, so a rerun with other options is refused), evaluate
-    chunk by chunk in OUT/chunks, then write eval.parquet, summary.json and config.yaml together."""
+    chunk by chunk in OUT/chunks, then write eval.parquet, summary.json (with ``placement``: where
+    the model ran) and config.yaml together."""
     from dataclasses import asdict
 
     from entropy_lens.io.writers import atomic_write_files, atomic_write_yaml, versions
-    from entropy_lens.model.load import model_device, model_dtype
     from entropy_lens.pipelines.evaluate import run_eval, summarize
 
     config = {"command": "eval", "model": model_id, **asdict(settings), "tags": tags}
@@ -161,8 +175,7 @@ def evaluate_into(out: Path, mdl, tok, problems: dict, settings, model_id: str, 
         "settings": {k: getattr(settings, k) for k in ("k", "temperature", "top_p", "max_new_tokens", "reward", "seed",
                                                       "limit")},
         "tags": tags,
-        "device": str(model_device(mdl)),
-        "dtype": model_dtype(mdl),
+        **(placement or {}),
         "datasets": summarize(rows, settings),
         "wall_s": round(timing["wall_s"], 2),
         "tokens_per_s": timing["tokens"] / timing["wall_s"] if timing["wall_s"] > 0 else None,

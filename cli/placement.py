@@ -1,7 +1,8 @@
 """Where a command runs: ``--device`` (a GPU when one is visible, ``cuda:LOCAL_RANK`` under
-torchrun), ``--dtype`` with it, and the ranks of a torchrun launch as the CLI sees them: the
-process group for a command's block, the run folder prepared by rank 0 alone, and progress and
-status drawn by rank 0 only (:mod:`entropy_lens.dist` holds the library side)."""
+torchrun), ``--dtype`` with it, ``--device-map`` (one model spread over the GPUs, for the
+forward-only commands; refused by the others), and the ranks of a torchrun launch as the CLI sees
+them: the process group for a command's block, the run folder prepared by rank 0 alone, and
+progress and status drawn by rank 0 only (:mod:`entropy_lens.dist` holds the library side)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from pathlib import Path
 
 from entropy_lens.dist import env_ranks
 from entropy_lens.placement import (  # noqa: F401 (the CLI's names)
+    DEVICE_MAPS,
     DEVICES,
     check_device,
     resolve_device,
+    resolve_device_map,
     resolve_placement,
 )
 from entropy_lens_cli.common import (
@@ -22,6 +25,26 @@ from entropy_lens_cli.common import (
     prepare_out_dir,
     stage_progress,
 )
+
+#: ``--device-map``'s help on the forward-only commands (``analyze``, ``sample``).
+DEVICE_MAP_HELP = ("none (the whole model on --device), auto (accelerate: the layers balanced over the visible GPUs, "
+                   "then CPU memory; without a GPU, all on the CPU) or sequential (the GPUs filled in order). "
+                   "For models too large for one GPU; one process, not under torchrun.")
+#: ``--device-map`` on the commands that update or differentiate the weights: hidden, there only
+#: to be refused with the reason (:func:`entropy_lens.placement.resolve_device_map`).
+REFUSED_DEVICE_MAP_HELP = "Refused here: a device map is for the forward-only commands (analyze, sample, eval)."
+
+
+def device_map_record(device_map: str | None, *models) -> dict:
+    """What a run records of ``--device-map`` beside ``device`` and ``dtype``: ``device_map``
+    (``none`` without one) and, with a map, ``model_devices``: every device that holds a part of
+    the loaded ``models``."""
+    if device_map is None:
+        return {"device_map": "none"}
+    from entropy_lens.model.load import model_devices
+
+    return {"device_map": device_map,
+            "model_devices": sorted({d for m in models if m is not None for d in model_devices(m)})}
 
 
 def refuse_ranks(command: str) -> None:

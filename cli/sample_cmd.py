@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from entropy_lens_cli.common import (
+    ALLOW_PICKLE_HELP,
     add_command,
     check_choice,
     check_int,
@@ -17,11 +18,26 @@ from entropy_lens_cli.common import (
     prepare_out_file,
 )
 from entropy_lens_cli.placement import (
+    DEVICE_MAP_HELP,
+    device_map_record,
     quiet_status,
     rank_progress,
     rank_session,
+    resolve_device_map,
     resolve_placement,
 )
+
+#: ``--kv-cache`` of the commands that generate (sample, eval).
+KV_CACHE_HELP = ("dynamic (grows with the sequence) or static (pre-allocated; on CUDA transformers compiles the "
+                 "decoding step for it once per batch shape, which pays off on long generations). Same tokens up "
+                 "to floating-point rounding.")
+
+
+def check_kv_cache(value: str) -> None:
+    """``--kv-cache`` is one of :data:`entropy_lens.model.generate.KV_CACHES`."""
+    from entropy_lens.model.generate import KV_CACHES
+
+    check_choice("--kv-cache", value, KV_CACHES)
 
 
 def check_top_p(option: str, value: float) -> None:
@@ -58,9 +74,11 @@ def sample(
     seed: int = typer.Option(0, "--seed", help="Seed of the per-batch random streams (batch k: its own stream)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Responses generated together."),
     shard_batches: int = typer.Option(8, "--shard-batches", help="Batches per resumable shard (OUT.parts/); the unit split across torchrun ranks."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle-format weights (runs code from the file)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
     device: str = typer.Option("auto", "--device", help="auto (a GPU when one is visible, else cpu), cpu, cuda or cuda:N; under torchrun each rank uses cuda:LOCAL_RANK."),
     dtype: str = typer.Option("auto", "--dtype", help="Model dtype: auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16; old_logp is computed in float32 from the model's logits."),
+    device_map: str = typer.Option("none", "--device-map", help=DEVICE_MAP_HELP),
+    kv_cache: str = typer.Option("dynamic", "--kv-cache", help=KV_CACHE_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="Rollouts file to write (.parquet or .jsonl)."),
 ) -> None:
     """Sample real rollouts with exact token ids and behaviour log-probs, scored by a verifier
@@ -80,9 +98,12 @@ def sample(
 
     check_sample_options(n, prompts, temperature, max_new_tokens, reward, convention, batch_size, top_p)
     check_int("--shard-batches", shard_batches)
+    check_kv_cache(kv_cache)
+    spread = resolve_device_map(device_map, device, "sample")
     device, dtype = resolve_placement(device, dtype)
     settings = SampleSettings(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
-                              reward=reward, convention=convention, batch_size=batch_size, shard_batches=shard_batches)
+                              reward=reward, convention=convention, batch_size=batch_size, shard_batches=shard_batches,
+                              kv_cache=kv_cache)
     with rank_session(device) as ranks:
         with dist.agreed(ranks):
             prepare_out_file(out, (".parquet", ".jsonl"))
@@ -90,7 +111,7 @@ def sample(
         if ranks.is_main and prompts is not None and len(table) < prompts:
             console.print(f"note: {dataset} has {len(table)} prompts; sampling all {len(table)} (--prompts {prompts})", soft_wrap=True)
         with dist.agreed(ranks), quiet_status(ranks, "loading model"):
-            mdl, tok = load_checkpoint("--model", model, allow_pickle, dtype, device)
+            mdl, tok = load_checkpoint("--model", model, allow_pickle, dtype, device, spread)
         identity = {"model": input_id(model, "bundled"), "dataset": input_id(dataset, str(dataset)), "dtype": dtype,
                     "device": device.split(":")[0]}
         parts = parts_dir_for(out)
@@ -104,7 +125,8 @@ def sample(
                                progress=lambda stage, k: advance(stage if stage == "tokens" else f"responses{who}", k))
         if frame is None:
             return
-        frame.attrs["sampling"].update(model=identity["model"], dataset=identity["dataset"], device=device, dtype=dtype)
+        frame.attrs["sampling"].update(model=identity["model"], dataset=identity["dataset"], device=device, dtype=dtype,
+                                       **device_map_record(spread, mdl))
         write_rollout_file(out, frame)
         remove_parts(parts)
     acc = float((frame["reward"] > 0).mean())

@@ -35,7 +35,13 @@ from entropy_lens_cli.common import (
     fail,
     prepare_out_dir,
 )
-from entropy_lens_cli.placement import check_device, refuse_ranks, resolve_placement
+from entropy_lens_cli.placement import (
+    REFUSED_DEVICE_MAP_HELP,
+    check_device,
+    refuse_ranks,
+    resolve_device_map,
+    resolve_placement,
+)
 
 
 def resolve_run_config(
@@ -85,11 +91,13 @@ def train(
         str | None,
         typer.Option("--dtype", help="auto (bfloat16 on a GPU, float32 on the CPU), float32 or bfloat16 (autocast; weights and optimizer stay float32); default: the preset's"),
     ] = None,
+    device_map: Annotated[str, typer.Option("--device-map", hidden=True, help=REFUSED_DEVICE_MAP_HELP)] = "none",
 ) -> None:
     """Train with GRPO or any registered intervention and log predicted vs measured entropy change."""
     from dataclasses import replace
 
     check_int("--steps", steps)
+    resolve_device_map(device_map, device or "auto", "train")
     refuse_ranks("train")
     if device is not None:
         check_device(device)

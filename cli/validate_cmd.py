@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from entropy_lens_cli.common import (
+    ALLOW_PICKLE_HELP,
     add_command,
     check_choice,
     check_int,
@@ -22,10 +23,12 @@ from entropy_lens_cli.common import (
     write_run,
 )
 from entropy_lens_cli.placement import (
+    REFUSED_DEVICE_MAP_HELP,
     prepare_rank_out_dir,
     quiet_status,
     rank_progress,
     rank_session,
+    resolve_device_map,
     resolve_placement,
 )
 
@@ -55,9 +58,10 @@ def validate(
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Use only the first N responses."),
     max_len: Optional[int] = typer.Option(None, "--max-len", help="Cut every response to its first N tokens (noted in summary.json); for runs that would not fit in memory."),
     no_jvp: bool = typer.Option(False, "--no-jvp", help="Skip the parameter-space JVP estimator."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle-format weights (runs code from the file)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
     device: str = typer.Option("auto", "--device", help="auto (a GPU when one is visible, else cpu), cpu, cuda or cuda:N; under torchrun each rank uses cuda:LOCAL_RANK."),
     dtype: str = typer.Option("auto", "--dtype", help="Model dtype: auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16. Low precision: the update uses an fp32 master copy and ΔH is measured in float32 (summary.json: precision, noise_floor)."),
+    device_map: str = typer.Option("none", "--device-map", hidden=True, help=REFUSED_DEVICE_MAP_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory to write."),
 ) -> None:
     """Estimators vs the measured ΔH of one real optimizer step (writes tokens.parquet, summary.json).
@@ -73,6 +77,7 @@ def validate(
     )
 
     check_validate_options(lr, optimizer, temperature, eps_low, eps_high, micro_batch, max_samples, max_len)
+    resolve_device_map(device_map, device, "validate")
     device, dtype = resolve_placement(device, dtype)
     src = rollouts if rollouts is not None else default_rollouts()
     options = {"model": input_id(model, "bundled"), "rollouts": input_id(src, ""), "lr": lr, "optimizer": optimizer,

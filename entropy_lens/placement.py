@@ -1,9 +1,11 @@
 """Where the work runs: the device and dtype rules every command (``--device``/``--dtype``) and the
-trainer (``device``/``dtype`` keys) share.
+trainer (``device``/``dtype`` keys) share, and the device map (``--device-map``) that spreads one
+model over several devices for the forward-only commands.
 
 ``auto`` is a GPU when torch sees one (``cuda:LOCAL_RANK`` under torchrun, else ``cuda:0``) and
 bfloat16 there, else the CPU and float32. Errors are ``ValueError`` with one line naming the
-option and the problem (no GPU visible, an index beyond the visible GPUs, an unknown value).
+option and the problem (no GPU visible, an index beyond the visible GPUs, an unknown value, a
+device map where the command updates or differentiates the weights).
 """
 
 from __future__ import annotations
@@ -17,6 +19,19 @@ DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 #: Dtype values; ``auto``: bfloat16 on a GPU, float32 on the CPU.
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
+#: Device-map values: ``none`` (the whole model on ``--device``), ``auto`` (transformers'
+#: ``device_map="auto"``: the layers balanced over the visible GPUs, then CPU memory) and
+#: ``sequential`` (the GPUs filled in order, then CPU memory).
+DEVICE_MAPS = ("none", "auto", "sequential")
+#: The commands that only run the model forward, the only ones a device map may split it for.
+FORWARD_ONLY = ("analyze", "sample", "eval")
+#: Why each other command that loads a model refuses a device map, and what to use instead.
+_NOT_FORWARD_ONLY = {
+    "validate": "validate updates the weights: use --device",
+    "train": "train updates the weights: use --device",
+    "compare": "compare --measure updates the weights: use --device",
+    "attribute": "attribute differentiates through the model, which stays whole on the CPU",
+}
 
 
 def _check_choice(option: str, value: str, choices) -> None:
@@ -71,13 +86,39 @@ def resolve_device(device: str) -> str:
     return f"cuda:{index}"
 
 
-def resolve_placement(device: str, dtype: str, cpu_only: str | None = None) -> tuple[str, str]:
-    """``(device, dtype)`` resolved and checked (dtype first: it needs no GPU to be refused).
-    ``cpu_only``: the name of a command whose work does not run on a GPU yet; ``auto`` is then the
-    CPU and ``cuda``/``cuda:N`` are refused with one line naming it."""
+def resolve_placement(device: str, dtype: str) -> tuple[str, str]:
+    """``(device, dtype)`` resolved and checked (dtype first: it needs no GPU to be refused)."""
     _check_choice("--dtype", dtype, DTYPES)
     check_device(device)
-    if cpu_only is not None and device.startswith("cuda"):
-        raise ValueError(f"--device {device}: {cpu_only} runs on the CPU only so far; use --device cpu or auto")
-    where = "cpu" if cpu_only is not None else resolve_device(device)
+    where = resolve_device(device)
     return where, resolve_dtype(dtype, where)
+
+
+def resolve_device_map(device_map: str, device: str, command: str) -> str | None:
+    """The ``device_map`` to load the model with (None for ``none``), checked before any work.
+
+    A map is refused, one line naming the option and why, where ``command`` is not forward-only
+    (:data:`FORWARD_ONLY`: the commands that update or differentiate the weights need the whole
+    model on one device), with ``--device cpu`` or ``cuda:N`` (the map places the model itself:
+    over every visible GPU, then CPU memory; without a GPU, on the CPU) and under torchrun with
+    more than one process (each rank would spread its model over all the GPUs)."""
+    if command not in FORWARD_ONLY:
+        if device_map == "none":
+            return None
+        why = _NOT_FORWARD_ONLY.get(command, f"{command} is not one of them: use --device")
+        raise ValueError(f"--device-map {device_map} splits the model across devices for the "
+                         f"forward-only commands ({', '.join(FORWARD_ONLY)}); {why}")
+    _check_choice("--device-map", device_map, DEVICE_MAPS)
+    if device_map == "none":
+        return None
+    check_device(device)
+    if device not in ("auto", "cuda"):
+        hint = ("use --device-map none for the CPU" if device == "cpu" else
+                "choose the GPUs with CUDA_VISIBLE_DEVICES, or use --device-map none")
+        raise ValueError(f"--device-map {device_map} with --device {device}: the map places the model over every "
+                         f"visible GPU itself (leave --device at auto); {hint}")
+    _, world, _ = env_ranks()
+    if world > 1:
+        raise ValueError(f"--device-map {device_map} under torchrun (WORLD_SIZE={world}): every rank would spread "
+                         "its model over all the visible GPUs; run one process, or use --device with torchrun")
+    return device_map

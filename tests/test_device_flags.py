@@ -37,7 +37,8 @@ def no_gpu(monkeypatch):
     (["sample", "--device", "cuda"], "--device cuda: no GPU is visible"),
     (["sample", "--dtype", "half"], "--dtype must be"),
     (["compare", "tokens.parquet", "--measure", "--device", "cuda"], "--device cuda: no GPU is visible"),
-    (["demo", "--device", "cuda:0"], "demo runs on the CPU only so far"),
+    (["demo", "--device", "cuda:0"], "--device cuda:0: no GPU is visible"),
+    (["eval", "-d", "gsm8k-demo", "--device", "cuda"], "--device cuda: no GPU is visible"),
     (["demo", "--dtype", "int8"], "--dtype must be"),
 ])
 def test_bad_device_or_dtype_is_one_line_and_exit_2(tmp_path, no_gpu, args, expected):
@@ -119,3 +120,13 @@ def test_analyze_rerun_with_another_dtype_is_refused(tmp_path, tiny_model_dir):
     assert runner.invoke(app, [*base, "--dtype", "float32"]).exit_code == 0
     res = runner.invoke(app, [*base, "--dtype", "bfloat16"])
     assert res.exit_code == 2 and "--dtype float32 → bfloat16" in _error_line(res)
+
+
+@pytest.mark.parametrize("args", [["eval", "-d", "gsm8k-demo"], ["demo"], ["attribute"]])
+def test_commands_that_do_not_split_their_work_refuse_several_ranks(tmp_path, monkeypatch, args):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    res = runner.invoke(app, [*args, "-o", str(tmp_path / "run")])
+    assert res.exit_code == 2, res.output
+    assert f"rank 0 of 2: {args[0]} does not split its work across torchrun ranks" in _error_line(res)
+    assert not (tmp_path / "run").exists()

@@ -2,10 +2,21 @@
 tokens as the default dynamic one from the same seed, with the same behaviour log-probs up to
 floating-point rounding; an unknown cache is one line."""
 
+import json
+
+import pandas as pd
 import pytest
 import torch
+from typer.testing import CliRunner
 
-from entropy_lens.model.generate import KV_CACHES, cache_options, generate, generate_batches, response_jobs
+from entropy_lens.model.generate import (
+    KV_CACHES,
+    cache_options,
+    generate,
+    generate_batches,
+    response_jobs,
+)
+from entropy_lens_cli.app import app
 
 
 def prompts(tok):
@@ -41,3 +52,30 @@ def test_cache_options_and_refusal(tiny_model, tiny_tokenizer):
     with pytest.raises(ValueError, match="kv_cache must be dynamic or static"):
         generate_batches(tiny_model, tiny_tokenizer, response_jobs(prompts(tiny_tokenizer), 1), [0], 1, 3, 1.0,
                          kv_cache="Static")
+
+
+def test_sample_and_eval_with_a_static_cache_write_what_the_default_writes(tmp_path, tiny_model_dir):
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"what is {a} + {b} ?", "answer": str(a + b)}) + "\n"
+                            for a, b in [(1, 2), (3, 4), (12, 3)]))
+    runner = CliRunner()
+    frames = {}
+    for cache in ("dynamic", "static"):
+        roll = tmp_path / f"{cache}.parquet"
+        res = runner.invoke(app, ["sample", "--model", str(tiny_model_dir), "-d", str(data), "-n", "2", "--max-new-tokens",
+                                  "6", "--temperature", "0.8", "--kv-cache", cache, "-o", str(roll)])
+        assert res.exit_code == 0, res.output
+        ev = tmp_path / f"eval-{cache}"
+        res = runner.invoke(app, ["eval", "--model", str(tiny_model_dir), "-d", str(data), "-k", "2", "--max-new-tokens",
+                                  "6", "--kv-cache", cache, "-o", str(ev)])
+        assert res.exit_code == 0, res.output
+        frames[cache] = (pd.read_parquet(roll), pd.read_parquet(ev / "eval.parquet"))
+    (ra, ea), (rb, eb) = frames["dynamic"], frames["static"]
+    assert ra["response_ids"].map(list).tolist() == rb["response_ids"].map(list).tolist()
+    for x, y in zip(ra["old_logp"], rb["old_logp"]):
+        torch.testing.assert_close(torch.tensor(list(y)), torch.tensor(list(x)), rtol=1e-5, atol=1e-5)
+    assert ra.attrs["sampling"]["kv_cache"] == "dynamic" and rb.attrs["sampling"]["kv_cache"] == "static"
+    pd.testing.assert_frame_equal(ea, eb)
+    bad = runner.invoke(app, ["sample", "-d", str(data), "--kv-cache", "paged", "-o", str(tmp_path / "x.parquet")])
+    assert bad.exit_code == 2 and "--kv-cache must be dynamic or static, got 'paged'" in bad.stderr
+    assert not (tmp_path / "x.parquet").exists()

@@ -151,6 +151,15 @@ def test_sharded_actor_equals_the_full_model(layouts, name, dtype):
         assert torch.equal(model(ids).logits, ref(ids).logits)
 
 
+def test_sharded_actor_loads_with_a_device_map(layouts, monkeypatch):
+    """--device-map auto on merged shards: the same weights (without a GPU: all on the CPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model, _ = load_model(layouts["fsdp2"], attn_implementation="eager", device_map="auto")
+    want = make_model(vocab=VOCAB, seed=SEEDS["fsdp2"]).state_dict()
+    got = model.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_merge_keeps_the_dtype_and_every_name(layouts):
     actor = layouts["dtensor"] / "actor"
     merged = verl_shards.merge_shards(actor, {})

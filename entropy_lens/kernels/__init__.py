@@ -49,11 +49,16 @@ def logit_stats_auto(
     ``chunk_rows`` and ``consume`` (the logits may be overwritten; the kernel never writes them).
     Same contract on both paths: same outputs up to fp32 rounding, and the same
     ``ValueError`` for bad input (the kernel re-runs the torch path when its output is non-finite).
+    The kernel launches on the logits' GPU, whichever is current (a device map may put the LM head
+    on another GPU than the inputs).
     """
     if _use_triton(logits):
         from entropy_lens.kernels.triton_logits import logit_stats_triton
 
-        return logit_stats_triton(logits, token_ids, temperature)
+        if not logits.is_cuda:  # Triton's CPU interpreter (TRITON_INTERPRET=1)
+            return logit_stats_triton(logits, token_ids, temperature)
+        with torch.cuda.device(logits.device):
+            return logit_stats_triton(logits, token_ids, temperature)
     return logit_stats(logits, token_ids, temperature, chunk_rows=chunk_rows, consume=consume)
 
 

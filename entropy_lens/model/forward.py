@@ -70,10 +70,15 @@ def decoder_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor)
 
 
 def response_hidden(model, packed: PackedBatch) -> torch.Tensor:
-    """Hidden states of the valid response states, ``[M, D]`` in row-major order of ``mask``."""
+    """Hidden states of the valid response states, ``[M, D]`` in row-major order of ``mask``, on
+    the device of the decoder's last layer (the inputs' device unless a device map spread the
+    model: then the indices follow the hidden states there)."""
     h = decoder_hidden(model, packed.input_ids, packed.attention_mask)
     b_idx, t_idx = torch.nonzero(packed.mask, as_tuple=True)
-    return h[b_idx, packed.state_pos[b_idx, t_idx]]
+    pos = packed.state_pos[b_idx, t_idx]
+    if h.device != b_idx.device:
+        b_idx, pos = b_idx.to(h.device), pos.to(h.device)
+    return h[b_idx, pos]
 
 
 def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:

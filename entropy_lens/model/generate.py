@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from entropy_lens.logits import logit_stats
+from entropy_lens.model.load import model_device
 
 
 def check_top_p(top_p: float) -> None:
@@ -44,12 +45,6 @@ def cache_options(kv_cache: str) -> dict:
     """The ``model.generate`` keywords of a :data:`KV_CACHES` name (none for ``dynamic``, the default)."""
     check_kv_cache(kv_cache)
     return {"cache_implementation": "static"} if kv_cache == "static" else {}
-
-
-def _device_of(model) -> torch.device:
-    """The device of the model's first parameter (CPU for a model without parameters)."""
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _left_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +114,7 @@ def _generate_chunk(model, tokenizer, chunk: list[tuple[int, list[int]]], max_ne
     in one copy each. Returns one dict per response (see :func:`generate`)."""
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    device = _device_of(model)
+    device = model_device(model)  # the input embedding's device (also under a device map)
     ids, attn = _left_padded([p for _, p in chunk], pad)
     ids, attn = ids.to(device), attn.to(device)
     gen = model.generate(

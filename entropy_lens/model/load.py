@@ -195,12 +195,13 @@ def _load_config(folder: Path):
 
 
 def _load_weights(folder: Path, config, torch_dtype, attn_implementation: str, safe: list[Path],
-                  state_dict: dict | None = None, shapes: dict | None = None):
+                  state_dict: dict | None = None, shapes: dict | None = None, device_map: str | None = None):
     """``from_pretrained`` with every failure as ModelLoadError: a corrupt safetensors file and
     weights whose shapes do not match ``config.json`` name the file and the tensor.
 
     ``state_dict``: the full weights already in memory (a merged verl actor) instead of the
     folder's files; ``shapes`` then names where each tensor came from, ``{name: (file, shape)}``.
+    ``device_map``: transformers' ``device_map`` (``auto``, ``sequential``); None: on the CPU.
     """
     from transformers import AutoModelForCausalLM
 
@@ -212,6 +213,8 @@ def _load_weights(folder: Path, config, torch_dtype, attn_implementation: str, s
         if mismatch:
             raise ModelLoadError(f"{mismatch} (weights do not match the config)")
         source, kwargs = None, {"state_dict": state_dict}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     try:
         cls = AutoModelForCausalLM
         if state_dict is not None:  # the Auto class needs a path; the concrete class takes (None, state_dict)
@@ -233,6 +236,9 @@ def _load_weights(folder: Path, config, torch_dtype, attn_implementation: str, s
             f"{folder}: the weight files lack {len(missing)} tensor(s) that config.json needs (first: {missing[0]}); "
             "an incomplete checkpoint or weights of another model"
         )
+    if "disk" in model_devices(model):
+        raise ModelLoadError(f"{folder}: the model does not fit in the visible GPUs and CPU memory "
+                             f"(--device-map {device_map} would leave layers on disk)")
     return model
 
 
@@ -242,9 +248,16 @@ def load_model(
     attn_implementation: str = "sdpa",
     allow_pickle: bool = False,
     device: str = "cpu",
+    device_map: str | None = None,
 ):
     """Load ``(model, tokenizer)`` in eval mode, in ``dtype``, on ``device`` (``cpu``, ``cuda``,
-    ``cuda:N``; the weights are read on the CPU and moved once).
+    ``cuda:N``; the weights are read on the CPU and moved once), or spread by ``device_map``.
+
+    ``device_map``: None (the whole model on ``device``), ``auto`` or ``sequential``: transformers'
+    ``from_pretrained(device_map=...)`` (accelerate) places the layers over the visible GPUs, then
+    CPU memory (without a GPU: all on the CPU), and ``device`` is not used; for forward passes only
+    (the inputs go to :func:`model_device`). A model that would not fit without disk offload is
+    refused. The bundled model (its converted cache folder) and merged verl shards load the same way.
 
     ``path``: HF folder, verl ``global_step_N`` folder, or None for the bundled model. A verl actor
     saved as FSDP shards (``actor/model_world_size_W_rank_R.pt``, config in ``actor/huggingface``)
@@ -273,22 +286,24 @@ def load_model(
             f"{folder}: only pickle-format weights ({pickled[0].name}); loading them can run code — "
             "pass --allow-pickle to opt in"
         )
+    if device_map not in (None, "auto", "sequential"):
+        raise ModelLoadError(f"unknown device map {device_map!r}; choose auto or sequential (or None)")
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if torch_dtype is None:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose float32, bfloat16 or float16")
     config = _load_config(folder)
     tok = _load_tokenizer(folder)
     if actor is None:
-        model = _load_weights(folder, config, torch_dtype, attn_implementation, safe)
+        model = _load_weights(folder, config, torch_dtype, attn_implementation, safe, device_map=device_map)
     else:
         expected = expected_shapes(config) or {}
         merged = verl_shards.merge_shards(actor, expected, allow_pickle)
         label = actor / f"model_world_size_{verl_shards.world_size(actor)}_rank_*.pt"
         shapes = {k: (label, tuple(v.shape)) for k, v in merged.items()}
-        model = _load_weights(folder, config, torch_dtype, attn_implementation, [], merged, shapes)
+        model = _load_weights(folder, config, torch_dtype, attn_implementation, [], merged, shapes, device_map)
         del merged
     model.eval()
-    if str(device) != "cpu":
+    if device_map is None and str(device) != "cpu":
         model.to(device)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -309,11 +324,56 @@ def set_attention(model, implementation: str) -> None:
 
 
 def model_device(model):
-    """The ``torch.device`` of the model's first parameter (the CPU for a model without any)."""
+    """The ``torch.device`` the model's inputs go to: where its input embedding runs. For a model
+    spread by a device map, the execution device of the embedding's accelerate hook (its weight may
+    be offloaded, on the meta device); else the embedding weight's device; for a model without an
+    input embedding, its first parameter's; the CPU for a model without parameters. On one device
+    (no map) this is the device of every parameter."""
     import torch
 
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        emb = None
+    where = _hook_device(model, emb) if emb is not None and getattr(model, "hf_device_map", None) else None
+    if where is not None:
+        return where
+    weight = getattr(emb, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+        return weight.device
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def _hook_device(model, module):
+    """The execution device of the accelerate hook on ``module`` or its nearest ancestor in
+    ``model`` (a device map hooks the modules it places), or None without one."""
+    import torch
+
+    names = {id(m): name for name, m in model.named_modules()}
+    name = names.get(id(module))
+    if name is None:
+        return None
+    modules = dict(model.named_modules())
+    parts = name.split(".") if name else []
+    for k in range(len(parts), -1, -1):
+        hook = getattr(modules.get(".".join(parts[:k])), "_hf_hook", None)
+        where = getattr(hook, "execution_device", None)
+        if where is not None:
+            return torch.device(f"cuda:{where}" if isinstance(where, int) else where)
+    return None
+
+
+def model_devices(model) -> list[str]:
+    """Every device that holds a part of the model, sorted (``cpu``, ``cuda:N``, ``disk``): the
+    values of the device map it was loaded with (``hf_device_map``, set by accelerate when the map
+    spans several devices), else the devices of its parameters."""
+    placed = getattr(model, "hf_device_map", None)
+    if isinstance(placed, dict) and placed:
+        names = {f"cuda:{v}" if isinstance(v, int) else str(v) for v in placed.values()}
+    else:
+        names = {str(p.device) for p in model.parameters()} or {"cpu"}
+    return sorted(names)
 
 
 def model_dtype(model) -> str:

@@ -37,7 +37,8 @@ EVAL_COLUMNS = ("dataset", "problem", "sample", "prompt", "response", "ground_tr
 class EvalSettings:
     """``k`` samples per problem at temperature τ (nucleus ``top_p``), at most ``max_new_tokens``
     response tokens each, graded by ``reward`` (``math`` or ``dapo``); ``limit``: the first problems
-    of each dataset (None: all); ``batch_size``: responses generated together."""
+    of each dataset (None: all); ``batch_size``: responses generated together; ``kv_cache``: the
+    generation loop's cache (:data:`entropy_lens.model.generate.KV_CACHES`)."""
 
     k: int = 32
     temperature: float = 1.0
@@ -47,6 +48,7 @@ class EvalSettings:
     seed: int = 0
     limit: int | None = None
     batch_size: int = 16
+    kv_cache: str = "dynamic"
 
 
 def check_settings(s: EvalSettings) -> None:
@@ -91,7 +93,7 @@ def eval_chunk(model, tokenizer, dataset: str, problems: pd.DataFrame, settings:
     (the final EOS included when emitted); ``truncated``: no EOS within ``max_new_tokens``."""
     pids = [chat_prompt_ids(tokenizer, list(m)) for m in problems["prompt"]]
     outs = generate(model, tokenizer, pids, settings.k, settings.max_new_tokens, settings.batch_size,
-                    settings.temperature, seed, top_p=settings.top_p)
+                    settings.temperature, seed, top_p=settings.top_p, kv_cache=settings.kv_cache)
     texts = [tokenizer.decode(o["response_ids"], skip_special_tokens=True) for o in outs]
     truths = [str(problems["answer"].iat[o["prompt_index"]]) for o in outs]
     rewards = score_batch(texts, truths, settings.reward, "01")
