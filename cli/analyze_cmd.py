@@ -122,6 +122,7 @@ def analyze_into(out: Path, frame, src: Path, models: tuple[Optional[str], Optio
     ``model_devices``: :func:`device_map_record`), run the analysis (shards in OUT/shards; this rank's share of them) and, on
     rank 0, write the run; returns the summary there (None on the other ranks)."""
     from entropy_lens import dist
+    from entropy_lens.logits import recording_paths
     from entropy_lens.pipelines.analyze import check_same_vocab, run_analyze
 
     model, next_model = models
@@ -138,7 +139,7 @@ def analyze_into(out: Path, frame, src: Path, models: tuple[Optional[str], Optio
     rows = [i for k in mine for i in range(k * settings.shard_size, min((k + 1) * settings.shard_size, len(frame)))]
     n_tok = estimate_tokens(frame.iloc[rows], tok)
     stage = "tokens" if not ranks.distributed else f"tokens (rank 0 of {ranks.world_size})"
-    with rank_progress(ranks, {stage: n_tok}) as advance:
+    with rank_progress(ranks, {stage: n_tok}) as advance, recording_paths() as paths:
         result = run_analyze(mdl, tok, frame, settings, out / "shards", next_model=nxt,
                              model_names=(str(model or "bundled"), str(next_model or "")),
                              source=str(src), progress=lambda _, n: advance(stage, n), ranks=ranks)
@@ -146,7 +147,7 @@ def analyze_into(out: Path, frame, src: Path, models: tuple[Optional[str], Optio
         return None
     tokens, summary = result
     summary.update(model=str(model or "bundled:smollm2-135m-instruct"), next_model=next_model, rollouts=str(src),
-                   **placement, wall_seconds=round(time.time() - t0, 1))
+                   **placement, statistics_path=dict(paths), wall_seconds=round(time.time() - t0, 1))
     write_run(out, tokens, summary, {"command": "analyze", "model": summary["model"], "next_model": next_model,
                                      "rollouts": str(src), **placement, "world_size": ranks.world_size,
                                      **summary["settings"]}, options)

@@ -70,6 +70,7 @@ def validate(
     step) and rank 0 writes the same run as one process."""
     from entropy_lens import dist
     from entropy_lens.io import rollouts as ro
+    from entropy_lens.logits import recording_paths
     from entropy_lens.pipelines.validate import (
         ValidateSettings,
         rank_rows,
@@ -96,14 +97,14 @@ def validate(
         stages = {"forward": n, "update": n, "forward after": n}
         if not no_jvp:
             stages["jvp"] = n
-        with rank_progress(ranks, stages) as advance:
+        with rank_progress(ranks, stages) as advance, recording_paths() as paths:
             result = run_validate(mdl, tok, frame, settings, str(src), progress=advance, ranks=ranks)
         if result is None:
             return
         tokens, summary = result
         placement = {"device": device, "dtype": dtype}
         summary.update(model=model or "bundled:smollm2-135m-instruct", rollouts=str(src), **placement,
-                       wall_seconds=round(time.time() - t0, 1))
+                       statistics_path=dict(paths), wall_seconds=round(time.time() - t0, 1))
         write_run(out, tokens, summary, {"command": "validate", "model": summary["model"], "rollouts": str(src),
                                          **placement, "world_size": ranks.world_size, **summary["settings"]}, options)
     print_validation(summary, optimizer, lr)

@@ -10,6 +10,10 @@ overwritten in place and only one scratch block is allocated.
 from __future__ import annotations
 
 import os
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +27,30 @@ SCRATCH_BYTES = 4 * 2**20
 DEVICE_SCRATCH_BYTES = 64 * 2**20
 #: Finite stand-in for −inf after the max shift: e^y underflows to exactly 0 and e·y stays finite.
 _NEG_FLOOR = torch.finfo(torch.float32).min / 4
+
+
+#: Names of the implementations a statistics pass can take (:func:`recording_paths`).
+PATH_NAMES = {"torch": "torch blocks (fp32 reductions)", "cpu-kernel": "CPU kernel built ahead of time",
+              "triton": "Triton one-pass kernel"}
+_PATHS: ContextVar[Counter | None] = ContextVar("entropy_lens_statistics_paths", default=None)
+
+
+@contextmanager
+def recording_paths() -> Iterator[Counter]:
+    """Count, for the block, the logit rows each implementation of the statistics pass took
+    (:data:`PATH_NAMES` keys: ``torch``, ``cpu-kernel``, ``triton``): what ran, for the run's record."""
+    token = _PATHS.set(Counter())
+    try:
+        yield _PATHS.get()
+    finally:
+        _PATHS.reset(token)
+
+
+def note_path(name: str, rows: int) -> None:
+    """Add ``rows`` logit rows to implementation ``name`` inside :func:`recording_paths` (nothing outside)."""
+    counts = _PATHS.get()
+    if counts is not None:
+        counts[name] += int(rows)
 
 
 @dataclass(frozen=True)
@@ -122,10 +150,12 @@ def logit_stats(
     if n:
         fast = _compiled_cpu(logits, token_ids, temperature)
         if fast is not None and bool(torch.isfinite(fast).all()):
+            note_path("cpu-kernel", n)
             return LogitStats(*fast)  # non-finite rows fall through to the eager path's error
     out = torch.empty(4, n, dtype=torch.float32, device=logits.device)
     if n == 0:
         return LogitStats(*out)
+    note_path("torch", n)
     block = SCRATCH_BYTES if logits.device.type == "cpu" else DEVICE_SCRATCH_BYTES
     rows = max(1, min(n, chunk_rows or default_chunk_rows(v, block)))
     in_place = consume and logits.dtype == torch.float32 and logits.stride(-1) == 1

@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from entropy_lens.kernels import cpu_aot
-from entropy_lens.logits import logit_stats, logit_stats_reference
+from entropy_lens.logits import logit_stats, logit_stats_reference, recording_paths
 
 OUTPUTS = ("logp", "entropy", "sum_p2", "sum_p2_logp")
 TOL = 2e-5  # the eager path's tolerance against float64 (tests/test_logits.py)
@@ -129,7 +129,9 @@ def test_logit_stats_dispatches_to_kernel_and_matches(use_cache):
     logits = torch.randn(33, 5000, generator=g) * 3
     ids = torch.randint(0, 5000, (33,), generator=g)
     for tau in (1.0, 0.7):
-        got = logit_stats(logits, ids, tau)
+        with recording_paths() as paths:
+            got = logit_stats(logits, ids, tau)
+        assert paths == {"cpu-kernel": 33}  # the run's record says the kernel ran
         kern = cpu_aot.logit_stats_kernel(logits, ids, tau, use_cache)
         for i, k in enumerate(OUTPUTS):
             assert torch.equal(getattr(got, k), kern[i]), k  # the dispatch returned the kernel's values
@@ -163,7 +165,10 @@ def test_inputs_the_kernel_does_not_take_use_the_eager_path(use_cache):
     assert cpu_aot.logit_stats_kernel(x.t().contiguous().t(), ids, 1.0, use_cache) is None  # column stride
     assert cpu_aot.logit_stats_kernel(x.clone().requires_grad_(), ids, 1.0, use_cache) is None  # autograd
     for inp in (x.bfloat16(), x.t().contiguous().t()):
-        _close({k: getattr(logit_stats(inp, ids), k) for k in OUTPUTS}, logit_stats_reference(inp, ids))
+        with recording_paths() as paths:
+            got = logit_stats(inp, ids)
+        assert paths == {"torch": 6}
+        _close({k: getattr(got, k) for k in OUTPUTS}, logit_stats_reference(inp, ids))
 
 
 @needs_compiler

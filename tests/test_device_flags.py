@@ -104,6 +104,7 @@ def test_bfloat16_analyze_on_the_cpu_is_recorded_and_close_to_float32(tmp_path, 
         assert (s["device"], s["dtype"], s["world_size"]) == ("cpu", dtype, 1)
         assert f"dtype: {dtype}" in (out / "config.yaml").read_text()
         runs[dtype] = pd.read_parquet(out / "tokens.parquet")
+        assert s["statistics_path"] == {"torch": len(runs[dtype])}  # every response row, eager blocks (no CPU kernel in tests)
     a, b = runs["float32"], runs["bfloat16"]
     assert (a["token_id"] == b["token_id"]).all()
     # bf16 weights and logits (8 bits of mantissa), statistics reduced in fp32: entropies within

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from entropy_lens.logits import logit_stats, logit_stats_reference
+from entropy_lens.logits import logit_stats, logit_stats_reference, recording_paths
 
 
 def _close(a, b, tol=2e-5):
@@ -227,3 +227,15 @@ def test_reference_gives_zero_probability_tokens_no_weight():
     assert torch.isfinite(ref.entropy).all() and torch.isfinite(ref.sum_p2_logp).all()
     assert ref.entropy.tolist() == pytest.approx([float(-(p * p.log()).sum()), 0.0], abs=1e-12)
     assert ref.sum_p2_logp.tolist() == pytest.approx([float((p * p * p.log()).sum()), 0.0], abs=1e-12)
+
+
+def test_recording_paths_counts_the_rows_of_each_implementation_inside_the_block_only():
+    x, ids = torch.randn(7, 50), torch.randint(0, 50, (7,))
+    logit_stats(x, ids)  # outside any block: not counted anywhere
+    with recording_paths() as outer:
+        logit_stats(x, ids)
+        with recording_paths() as inner:
+            logit_stats(x[:3], ids[:3])
+            logit_stats(x[:0], ids[:0])  # no rows: nothing ran
+        logit_stats(x[:2], ids[:2])
+    assert inner == {"torch": 3} and outer == {"torch": 9}

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from entropy_lens.logits import LogitStats, logit_stats
+from entropy_lens.logits import LogitStats, logit_stats, note_path
 
 #: Initial running maximum: finite (so rescaling factors never see ``-inf − (−inf)``) and below
 #: any real logit / τ.
@@ -279,4 +279,5 @@ def logit_stats_triton(
         combine_partials(part, None, logits, ids, v, inv_t, out)
     if check and not bool(torch.isfinite(out).all()):
         return logit_stats(logits, token_ids, temperature)
+    note_path("triton", n)
     return LogitStats(*out)
