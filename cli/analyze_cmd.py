@@ -143,11 +143,12 @@ def analyze_into(out: Path, frame, src: Path, models: tuple[Optional[str], Optio
         result = run_analyze(mdl, tok, frame, settings, out / "shards", next_model=nxt,
                              model_names=(str(model or "bundled"), str(next_model or "")),
                              source=str(src), progress=lambda _, n: advance(stage, n), ranks=ranks)
+    paths = dist.sum_counts(ranks, paths)  # every rank's rows, as one process would count them
     if result is None:
         return None
     tokens, summary = result
     summary.update(model=str(model or "bundled:smollm2-135m-instruct"), next_model=next_model, rollouts=str(src),
-                   **placement, statistics_path=dict(paths), wall_seconds=round(time.time() - t0, 1))
+                   **placement, statistics_path=paths, wall_seconds=round(time.time() - t0, 1))
     write_run(out, tokens, summary, {"command": "analyze", "model": summary["model"], "next_model": next_model,
                                      "rollouts": str(src), **placement, "world_size": ranks.world_size,
                                      **summary["settings"]}, options)

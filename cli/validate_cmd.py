@@ -99,12 +99,13 @@ def validate(
             stages["jvp"] = n
         with rank_progress(ranks, stages) as advance, recording_paths() as paths:
             result = run_validate(mdl, tok, frame, settings, str(src), progress=advance, ranks=ranks)
+        paths = dist.sum_counts(ranks, paths)  # every rank's rows, as one process would count them
         if result is None:
             return
         tokens, summary = result
         placement = {"device": device, "dtype": dtype}
         summary.update(model=model or "bundled:smollm2-135m-instruct", rollouts=str(src), **placement,
-                       statistics_path=dict(paths), wall_seconds=round(time.time() - t0, 1))
+                       statistics_path=paths, wall_seconds=round(time.time() - t0, 1))
         write_run(out, tokens, summary, {"command": "validate", "model": summary["model"], "rollouts": str(src),
                                          **placement, "world_size": ranks.world_size, **summary["settings"]}, options)
     print_validation(summary, optimizer, lr)

@@ -219,6 +219,22 @@ def agree(ranks: Ranks, failure: BaseException | None) -> None:
         raise RankFailed(failures, ranks.world_size, ranks.rank) from failure
 
 
+def sum_counts(ranks: Ranks, counts: dict[str, int]) -> dict[str, int]:
+    """The key-wise sum of every rank's ``counts`` (a collective: every rank calls it; a single
+    process gets its own counts back), keys sorted."""
+    if not ranks.distributed:
+        return dict(sorted(counts.items()))
+    import torch.distributed as tdist
+
+    every: list[Any] = [None] * ranks.world_size
+    tdist.all_gather_object(every, dict(counts), group=ranks.group)
+    total: dict[str, int] = {}
+    for c in every:
+        for k, v in c.items():
+            total[k] = total.get(k, 0) + int(v)
+    return dict(sorted(total.items()))
+
+
 @contextmanager
 def agreed(ranks: Ranks) -> Iterator[None]:
     """Run the block on every rank, then :func:`agree` on its outcome: an error on any rank becomes

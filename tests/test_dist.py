@@ -64,6 +64,11 @@ def test_single_process_agreement_reraises_the_error_itself():
         pass
 
 
+def test_sum_counts_of_one_process_is_its_own_counts_sorted():
+    assert dist.sum_counts(dist.SINGLE, {"triton": 2, "torch": 5}) == {"torch": 5, "triton": 2}
+    assert list(dist.sum_counts(dist.SINGLE, {"triton": 2, "torch": 5})) == ["torch", "triton"]
+
+
 def test_rank_failed_names_every_failed_rank():
     e = dist.RankFailed([(1, "a.parquet: corrupt", 2), (3, "internal error: boom", 1)], 4, rank=0)
     assert str(e) == "rank 1 of 4 failed: a.parquet: corrupt; rank 3 of 4 failed: internal error: boom"
@@ -169,7 +174,7 @@ def assert_same_run(a: Path, b: Path, world_size: int) -> None:
     sa, sb = json.loads((a / "summary.json").read_text()), json.loads((b / "summary.json").read_text())
     assert sb["world_size"] == world_size and sa["world_size"] == 1
     for k in set(sa) | set(sb):
-        if k not in ("world_size", "wall_seconds"):
+        if k not in ("world_size", "wall_seconds", "statistics_path"):  # the last: rows computed by this run only
             assert _close(sa[k], sb[k]), k
 
 
@@ -188,6 +193,8 @@ def test_two_ranks_write_the_run_of_one_process(single_run, tmp_path):
     res = _torchrun(_args(model_dir, roll, tmp_path / "two"))
     assert res.returncode == 0, _why(res)
     assert_same_run(one, tmp_path / "two", world_size=2)
+    stats = [json.loads((d / "summary.json").read_text())["statistics_path"] for d in (one, tmp_path / "two")]
+    assert stats[0] == stats[1] == {"torch": len(pd.read_parquet(one / "tokens.parquet"))}  # summed over the ranks
     assert sorted(p.name for p in (tmp_path / "two" / "shards").glob("shard_*")) == [
         "shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet"]
     assert res.stdout.count("wrote ") == 1  # only rank 0 prints

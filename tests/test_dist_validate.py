@@ -140,6 +140,7 @@ def test_two_ranks_validate_as_one_process(single_validate, tmp_path):
             assert sb["estimators"][name][k] == pytest.approx(v, rel=1e-4, abs=1e-8), (name, k)
     assert sb["quadrants"].keys() == sa["quadrants"].keys() and sb["n_tokens"] == sa["n_tokens"]
     assert (sb["device"], sb["dtype"]) == ("cpu", "float32")
+    assert sb["statistics_path"] == sa["statistics_path"] and sa["statistics_path"]["torch"] > 0  # summed over ranks
     cfg = (two / "config.yaml").read_text()
     assert "world_size: 2" in cfg and "device: cpu" in cfg
     assert res.stdout.count("wrote ") == 1  # only rank 0 prints

@@ -12,10 +12,10 @@ lengths (the response rows of one micro-batch); ``L`` layers, ``d`` hidden size,
 heads, ``I`` MLP width (default 4d), ``V`` vocabulary, ``e`` bytes per parameter element,
 ``P`` parameters::
 
-    params          = 4·P·e                 gradient, snapshot θ, pre-step copy, update Δθ (e = 4)
-                    = P·(e + 20)            e < 4 (bf16/fp16): the weights, plus in fp32 the update
-                                            Δθ, the measuring copy, its snapshot, and the θ + Δθ
-                                            and η = 0 temporaries (validate's fp32 master path)
+    params          = 4·P·e                 e = 4: the weights, snapshot θ, gradient, update Δθ
+                    = P·(e + 12)            e < 4 (bf16/fp16): the weights, plus at most three fp32
+                                            copies alive at once (the master, its gradient and Δθ
+                                            around the step; the measuring copy and Δθ after it)
     update          = b·S·L·(12d + 6I)·e    activations saved for backward
                     + 4·M·V·4               fp32 logits, log-softmax, softmax and a gradient of them
                     [+ 2·L·b·h·S²·e]        eager attention only: scores and probabilities per layer
@@ -79,7 +79,7 @@ def estimate_terms(
     S = max(lengths)
     M = sum(sorted(resp, reverse=True)[:b])
     act = _act_per_token(hidden, intermediate or 4 * hidden, dtype_bytes)
-    params = 4 * n_params * dtype_bytes if dtype_bytes >= 4 else n_params * (dtype_bytes + 20)
+    params = 4 * n_params * dtype_bytes if dtype_bytes >= 4 else n_params * (dtype_bytes + 12)
     update = b * S * n_layers * act + 4 * M * vocab * 4
     if eager:
         update += 2 * n_layers * b * n_heads * S * S * dtype_bytes

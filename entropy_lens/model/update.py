@@ -157,6 +157,7 @@ def one_step_update(
     progress: Callable[[int], None] | None = None,
     reduce: GradReduce | None = None,
     first_row: int = 0,
+    before: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], float]:
     """Take one optimizer step on ``loss_fn`` (gradients accumulated over micro-batches).
 
@@ -175,19 +176,26 @@ def one_step_update(
     the processes before the step, ∇ = Σ_ranks ∇_r, so the optimizer (run by every process on the
     same sum) takes the single-process step.
 
+    ``before``: a snapshot of θ (:func:`snapshot`) the caller already holds, used instead of a
+    second copy (it is read, never written).
+
     Raises :class:`NonFiniteUpdateError` (a ValueError) when a micro-batch's loss or the
     accumulated gradient is non-finite (the parameters are then untouched), or when the step
     itself makes a parameter non-finite (the parameters are then restored to θ).
     """
     model.eval()
     params = trainable_params(model)
-    before = {n: p.detach().clone() for n, p in params.items()}
+    before = before if before is not None else {n: p.detach().clone() for n, p in params.items()}
     master = fp32_master(params)
     opt = make_optimizer(list((master or params).values()), optimizer, lr, weight_decay)
     opt.zero_grad(set_to_none=True)
     try:
         total = _accumulate(model, packed, loss_fn, params, temperature, micro_batch, progress, first_row)
-        grads = {n: (p.grad.float() if master and p.grad is not None else p.grad) for n, p in params.items()}
+        grads = {}
+        for n, p in params.items():  # a low-precision gradient is freed as soon as its fp32 copy exists
+            grads[n] = p.grad.float() if master and p.grad is not None else p.grad
+            if master:
+                p.grad = None
         if reduce is not None:
             grads, total = reduce(grads, total, master or params)
             bad = first_non_finite(grads)
@@ -196,6 +204,7 @@ def one_step_update(
                                            f"processes' gradients; {NON_FINITE_HINT}")
         for n, t in (master or params).items():
             t.grad = grads[n]
+        del grads  # the gradients live on in .grad only, freed below
         _step(opt, model, before, lr)
     finally:
         opt.zero_grad(set_to_none=True)

@@ -314,7 +314,8 @@ def real_step(model, packed: PackedBatch, batch: TokenBatch, s: AttributeSetting
     loss_fn = grpo_token_mean_loss(batch.old_logp, batch.adv, batch.mask, s.eps_low, s.eps_high, s.dual_clip)
     try:
         delta, loss = _timed(timings, "forward_backward", one_step_update, model, packed, loss_fn, s.lr, s.optimizer,
-                             s.temperature, s.micro_batch, progress=(lambda n: progress("update", n)) if progress else None)
+                             s.temperature, s.micro_batch, progress=(lambda n: progress("update", n)) if progress else None,
+                             before=theta)
         after = response_stats(model, packed, s.temperature, micro_batch=s.micro_batch)
         if progress:
             progress("forward after", int(packed.mask.shape[0]))

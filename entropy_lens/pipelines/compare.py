@@ -406,7 +406,7 @@ def measure_methods(
         loss_fn = token_mean_loss(terms, batch.old_logp, batch.adv, batch.mask, device=device)
         try:
             _, loss = one_step_update(model, packed, loss_fn, settings.lr, settings.optimizer, settings.temperature,
-                                      settings.micro_batch, settings.weight_decay)
+                                      settings.micro_batch, settings.weight_decay, before=theta)
             after = response_stats(model, packed, settings.temperature, micro_batch=settings.micro_batch)
         finally:
             restore(model, theta)

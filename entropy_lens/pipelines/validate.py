@@ -45,6 +45,7 @@ from entropy_lens.model.update import (
     one_step_update,
     restore,
     snapshot,
+    trainable_params,
 )
 from entropy_lens.pipelines.prepare import (
     BatchSettings,
@@ -135,13 +136,19 @@ def measuring_model(model):
 
 
 @torch.no_grad()
-def entropy_after(meter, packed: PackedBatch, theta: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
+def entropy_after(meter, packed: PackedBatch, theta: dict[str, torch.Tensor], delta: dict[str, torch.Tensor] | None,
                   settings: ValidateSettings) -> torch.Tensor:
-    """Entropies ``[B, T]`` (nats, fp32, on the CPU) of the measuring model at θ + Δθ (fp32
-    arithmetic); ``packed``, ``theta`` and ``delta`` on the model's device. The model is restored
-    to θ afterwards."""
+    """Entropies ``[B, T]`` (nats, fp32) of the measuring model at θ + Δθ (fp32 arithmetic;
+    ``delta`` None: at θ, the η = 0 floor); ``packed``, ``theta`` and ``delta`` on the model's
+    device. ``theta`` may be in a lower precision than the measuring model (the model's own bf16
+    parameters): each is copied up exactly. The parameters are set one at a time in place (no
+    second copy of the model) and restored to θ afterwards."""
+    params = trainable_params(meter)
     try:
-        restore(meter, {n: theta[n] + delta[n].to(theta[n].dtype) for n in theta})
+        for n, p in params.items():
+            p.copy_(theta[n])
+            if delta is not None:
+                p.add_(delta[n].to(p.dtype))
         return response_stats(meter, packed, settings.temperature, micro_batch=settings.micro_batch)["entropy"]
     finally:
         restore(meter, theta)
@@ -202,23 +209,23 @@ def measured_and_jvp(
                 model, mine, loss_fn, settings.lr, settings.optimizer, settings.temperature,
                 settings.micro_batch, settings.weight_decay,
                 progress=(lambda n: progress("update", n)) if progress else None,
-                reduce=grad_sum(ranks), first_row=rows.start,
+                reduce=grad_sum(ranks), first_row=rows.start, before=theta,
             )
         finally:
             restore(model, theta)
-        del theta
         meter = measuring_model(model)
-        theta_m = snapshot(meter)
+        if meter is not model:  # θ of the fp32 copy: the model's own parameters, copied up exactly
+            del theta
+            theta = {n: q.detach() for n, q in trainable_params(model).items()}
         own: dict[str, torch.Tensor] = {}
         if meter is not model:
             own["before"] = response_stats(meter, mine, settings.temperature, micro_batch=settings.micro_batch)["entropy"]
-        own["after"] = entropy_after(meter, mine, theta_m, delta, settings)
+        own["after"] = entropy_after(meter, mine, theta, delta, settings)
         if progress:
             progress("forward after", rows.stop - rows.start)
-        zero = {n: torch.zeros_like(d) for n, d in delta.items()}
-        own["zero"] = entropy_after(meter, mine, theta_m, zero, settings)
-        del zero
+        own["zero"] = entropy_after(meter, mine, theta, None, settings)
         if settings.jvp:
+            theta_m = {n: q.detach() for n, q in trainable_params(meter).items()}  # the meter at θ: views, no copy
             own["jvp"] = jvp_prediction(meter, mine, theta_m, {n: d.to(theta_m[n].dtype) for n, d in delta.items()},
                                         settings.temperature, settings.micro_batch, progress)
         meter_dtype = next(meter.parameters()).dtype
