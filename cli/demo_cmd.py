@@ -99,6 +99,7 @@ def demo_rollouts(out: Path, model, tok, table, n: int, max_new_tokens: int, see
 def run_stages(out: Path, model, tok, rollouts, rollouts_path: Path, lr: float, seed: int) -> None:
     """analyze → validate → compare on the demo batch, each into its own sub-folder of OUT."""
     from entropy_lens.io.writers import atomic_write_json, atomic_write_parquet
+    from entropy_lens.logits import recording_paths
     from entropy_lens.methods import list_methods
     from entropy_lens.model.load import model_device, model_dtype
     from entropy_lens.pipelines.analyze import AnalyzeSettings, run_analyze
@@ -106,19 +107,20 @@ def run_stages(out: Path, model, tok, rollouts, rollouts_path: Path, lr: float, 
     from entropy_lens.pipelines.validate import ValidateSettings, run_validate
 
     n_tok = int(sum(len(r) for r in rollouts["response_ids"]))
-    with stage_progress({"tokens": n_tok}) as advance:
+    with stage_progress({"tokens": n_tok}) as advance, recording_paths() as paths:
         tokens, summary = run_analyze(model, tok, rollouts, AnalyzeSettings(lr=lr), out / "analyze" / "shards",
                                       source=str(rollouts_path), progress=advance)
     placement = {"device": str(model_device(model)), "dtype": model_dtype(model)}
-    summary.update(placement)
+    summary.update(placement, statistics_path=dict(paths))
     write_run(out / "analyze", tokens, summary, {"command": "demo/analyze", "lr": lr, **placement})
     q = summary["quadrants"]
     console.print("[bold]2. analyzed[/] " + ", ".join(f"{k}: {v['token_share']:.2f}" for k, v in q.items()) + " (token shares)")
 
     B = len(rollouts)
-    with stage_progress({"forward": B, "update": B, "forward after": B, "jvp": B}) as advance:
+    with stage_progress({"forward": B, "update": B, "forward after": B, "jvp": B}) as advance, recording_paths() as paths:
         vtokens, vsummary = run_validate(model, tok, rollouts, ValidateSettings(lr=lr, optimizer="sgd"),
                                          str(rollouts_path), progress=advance)
+    vsummary.update(placement, statistics_path=dict(paths))
     write_run(out / "validate", vtokens, vsummary, {"command": "demo/validate", "lr": lr, "optimizer": "sgd", **placement})
     console.print(estimator_table(vsummary["estimators"], f"3. ΔH estimators vs one real SGD step (lr={lr:g})"))
 

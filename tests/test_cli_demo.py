@@ -52,6 +52,7 @@ def test_demo_writes_every_output_readable_and_reuses_its_samples(tmp_path, monk
     assert set(roll["source"]) == {"sampled", "shipped"} and (roll["source"] == "sampled").sum() == 2
     s = json.loads((out / "validate" / "summary.json").read_text())
     assert set(s["estimators"]) >= {"omega_paper", "dh_jvp"}
+    assert s["device"] == "cpu" and s["statistics_path"]["torch"] >= s["n_tokens"]  # θ, θ + Δθ and the η = 0 floor
     assert "note:" not in res.output  # only the figures a validate run supports are asked for
     assert "done in" in res.output and "report.html" in res.output
     again = CliRunner().invoke(app, args)
