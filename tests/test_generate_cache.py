@@ -79,3 +79,19 @@ def test_sample_and_eval_with_a_static_cache_write_what_the_default_writes(tmp_p
     bad = runner.invoke(app, ["sample", "-d", str(data), "--kv-cache", "paged", "-o", str(tmp_path / "x.parquet")])
     assert bad.exit_code == 2 and "--kv-cache must be dynamic or static, got 'paged'" in bad.stderr
     assert not (tmp_path / "x.parquet").exists()
+
+
+def test_behaviour_logprobs_hold_no_second_copy_of_the_logits(tiny_model, tiny_tokenizer):
+    """Live vocabulary-width tensors while generating with ``record_logp``: generate's own per-step
+    logits (b × steps × V fp32) and a few [b, V] rows, not a stacked second copy of them all."""
+    from entropy_lens.testing.memtrack import live_peak_bytes
+
+    V = tiny_model.config.vocab_size
+    p = prompts(tiny_tokenizer)
+    outs = []
+    peak = live_peak_bytes(lambda: outs.extend(generate(tiny_model, tiny_tokenizer, p, 2, 12, 4, 1.0, seed=1,
+                                                        record_logp=True)),
+                           select=lambda t: t.dim() >= 2 and t.shape[-1] == V)
+    steps = max(len(o["response_ids"]) for o in outs)  # the batch ran this many steps
+    one_copy = 4 * steps * V * 4
+    assert steps == 12 and one_copy <= peak < 1.5 * one_copy, (peak, one_copy)

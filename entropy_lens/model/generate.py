@@ -109,9 +109,9 @@ def _generate_chunk(model, tokenizer, chunk: list[tuple[int, list[int]]], max_ne
                     temperature: float | None, record_logp: bool) -> list[dict]:
     """One ``model.generate`` call over ``chunk`` (``(prompt_index, prompt ids)`` per response,
     left-padded together) with the current random state. The ids and mask go to the model's device
-    once; the behaviour log-probs of the whole ``[b, steps]`` block are computed there (fp32
-    reductions, :func:`entropy_lens.logits.logit_stats`) and come back to the CPU with the ids
-    in one copy each. Returns one dict per response (see :func:`generate`)."""
+    once; the behaviour log-probs of the ``[b, steps]`` block are computed there step by step from
+    generate's ``[b, V]`` logits (fp32 reductions, :func:`entropy_lens.logits.logit_stats`; no
+    stacked ``[b, steps, V]`` copy) and come back to the CPU with the ids in one copy each. Returns one dict per response (see :func:`generate`)."""
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     device = model_device(model)  # the input embedding's device (also under a device map)
@@ -123,12 +123,10 @@ def _generate_chunk(model, tokenizer, chunk: list[tuple[int, list[int]]], max_ne
     )
     seq_dev = gen.sequences[:, ids.shape[1]:]  # [b, steps]
     logp = None
-    if record_logp:
-        logits = torch.stack(gen.logits, dim=1)  # [b, steps, V] on the model's device
-        b, steps, v = logits.shape
-        logp = logit_stats(logits.reshape(b * steps, v), seq_dev.reshape(-1), temperature or 1.0).logp
-        logp = logp.reshape(b, steps).cpu()
-        del logits
+    if record_logp:  # step by step over generate's [b, V] logits: no stacked [b, steps, V] copy
+        tau = temperature or 1.0
+        logp = torch.stack([logit_stats(x, seq_dev[:, t], tau).logp for t, x in enumerate(gen.logits)], dim=1).cpu()
+    del gen  # the per-step logits go with it
     seq = seq_dev.cpu()
     items = []
     for r, (pi, p) in enumerate(chunk):  # per response: slicing the CPU copies only
