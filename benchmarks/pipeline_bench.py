@@ -72,6 +72,7 @@ import torch
 
 from benchmarks.logits_bench import QWEN2_1P5B, device_name
 from benchmarks.logits_bench import _proc_status_kb as _status_kb
+from entropy_lens.testing.tokenizers import SPECIALS
 
 SHAPES = {
     "tiny": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -100,7 +101,6 @@ TARGETS = {
     "validate": ("validate ms ÷ forward + backward ms", 4.0, "<="),
     "sample": ("sample tokens/s ÷ model.generate loop tokens/s", None, None),
 }
-SPECIALS = ("<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant")
 FIRST_WORD = len(SPECIALS)  # ids below are special tokens; random prompts and responses avoid them
 
 
@@ -123,19 +123,9 @@ def build(shape: str, device: str, dtype: str):
 def make_tokenizer(vocab: int):
     """A word-level fast tokenizer whose ids cover the model's vocabulary: the specials, then words
     ``w6 … w{vocab-1}`` (every id decodes), with a ChatML-like template; EOS ``<|im_end|>``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from entropy_lens.testing.tokenizers import word_level_tokenizer
 
-    words = {w: i for i, w in enumerate(SPECIALS)}
-    words.update({f"w{i}": i for i in range(FIRST_WORD, vocab)})
-    tk = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>")
-    tok.chat_template = (
-        "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
-    )
-    return tok
+    return word_level_tokenizer([f"w{i}" for i in range(FIRST_WORD, vocab)])
 
 
 def make_rollouts(tok, vocab: int, seqs: int, prompt_len: int, tokens: int) -> pd.DataFrame:

@@ -15,20 +15,11 @@ WORDS = [str(i) for i in range(20)] + ["+", "-", "=", "Answer:", "the", "is", "w
 
 
 def make_tokenizer():
-    """A word-level fast tokenizer with a ChatML-like template (vocabulary < 48 tokens)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """A word-level fast tokenizer with a ChatML-like template (vocabulary < 48 tokens): the
+    specials, a newline, then :data:`WORDS`."""
+    from entropy_lens.testing.tokenizers import word_level_tokenizer
 
-    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "\n"]
-    vocab = {w: i for i, w in enumerate(specials + WORDS)}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>")
-    tok.chat_template = (
-        "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
-    )
-    return tok
+    return word_level_tokenizer(["\n", *WORDS])
 
 
 def make_model(vocab: int = 48, seed: int = 0, layers: int = 2, attn: str = "eager"):
