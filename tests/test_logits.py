@@ -239,3 +239,39 @@ def test_recording_paths_counts_the_rows_of_each_implementation_inside_the_block
             logit_stats(x[:0], ids[:0])  # no rows: nothing ran
         logit_stats(x[:2], ids[:2])
     assert inner == {"torch": 3} and outer == {"torch": 9}
+
+
+def test_dispatch_to_the_cpu_kernel_with_a_stand_in(monkeypatch):
+    """logit_stats's dispatch to the ahead-of-time CPU kernel, with a stand-in for the compiled
+    operator (tests/test_cpu_aot.py runs the real one): the kernel receives the logits, the ids and
+    τ; its finite result is returned and counted as ``cpu-kernel``; a non-finite one falls back to
+    the eager path; ``ENTROPY_LENS_CPU_KERNEL=0`` switches it off, unset leaves it on."""
+    from entropy_lens.kernels import cpu_aot
+
+    calls = []
+
+    def stand_in(logits, token_ids, temperature):
+        calls.append((logits, token_ids, temperature))
+        return torch.arange(4.0)[:, None] + torch.full((4, logits.shape[0]), 0.25)
+
+    monkeypatch.setattr(cpu_aot, "logit_stats_kernel", stand_in)
+    x, ids = torch.randn(5, 40), torch.randint(0, 40, (5,))
+    monkeypatch.delenv("ENTROPY_LENS_CPU_KERNEL", raising=False)
+    with recording_paths() as paths:
+        got = logit_stats(x, ids, 0.7)
+    assert len(calls) == 1 and calls[0][0] is x and torch.equal(calls[0][1], ids) and calls[0][2] == 0.7
+    for k, name in enumerate(("logp", "entropy", "sum_p2", "sum_p2_logp")):
+        assert torch.equal(getattr(got, name), torch.full((5,), k + 0.25)), name
+    assert paths == {"cpu-kernel": 5}
+
+    monkeypatch.setenv("ENTROPY_LENS_CPU_KERNEL", "0")
+    calls.clear()
+    with recording_paths() as paths:
+        _close(logit_stats(x, ids, 0.7), logit_stats_reference(x, ids, 0.7))
+    assert calls == [] and paths == {"torch": 5}
+
+    monkeypatch.setenv("ENTROPY_LENS_CPU_KERNEL", "1")
+    monkeypatch.setattr(cpu_aot, "logit_stats_kernel", lambda *a: torch.full((4, 5), float("nan")))
+    with recording_paths() as paths:  # a non-finite kernel result: the eager path decides
+        _close(logit_stats(x, ids, 0.7), logit_stats_reference(x, ids, 0.7))
+    assert paths == {"torch": 5}
