@@ -138,7 +138,7 @@ def measuring_model(model):
 @torch.no_grad()
 def entropy_after(meter, packed: PackedBatch, theta: dict[str, torch.Tensor], delta: dict[str, torch.Tensor] | None,
                   settings: ValidateSettings) -> torch.Tensor:
-    """Entropies ``[B, T]`` (nats, fp32) of the measuring model at θ + Δθ (fp32 arithmetic;
+    """Entropies ``[B, T]`` (nats, fp32, on the CPU) of the measuring model at θ + Δθ (fp32 arithmetic;
     ``delta`` None: at θ, the η = 0 floor); ``packed``, ``theta`` and ``delta`` on the model's
     device. ``theta`` may be in a lower precision than the measuring model (the model's own bf16
     parameters): each is copied up exactly. The parameters are set one at a time in place (no
