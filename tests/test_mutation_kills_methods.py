@@ -939,6 +939,22 @@ def _cov_batch():
     return b
 
 
+def _cov_run(name, values, micro, seed, fraction):
+    """Method ``name`` on :func:`_cov_batch` in a context seeded ``seed`` (mini-batches of 4, micro
+    ``micro``): ``(batch, ctx, params, terms, seq_scope, c, counts)`` with the reference covariance
+    ``c`` and each scope's selection count from ``fraction`` (clip_ratio or k) and ``min_select``."""
+    batch = _cov_batch()
+    B = batch.mask.shape[0]
+    ctx = make_context(seed, batch_size=B, micro_batch_size=micro, mini_batch_size=4)
+    p = params_from_dict(name, values)
+    terms = apply_method(name, batch, p, ctx)
+    seq_scope = ctx.scope_ids(p.scope, B)
+    c = _scoped_c(batch, seq_scope)
+    f = getattr(p, fraction)
+    counts = [min(n, max(p.min_select, math.floor(f * n + 1e-9))) for n in _scope_lists(batch.mask, seq_scope)]
+    return batch, ctx, p, terms, seq_scope, c, counts
+
+
 @pytest.mark.parametrize(
     "values,micro",
     [
@@ -951,21 +967,14 @@ def _cov_batch():
     ],
 )
 def test_clip_cov_terms(values, micro):
-    batch = _cov_batch()
-    B = batch.mask.shape[0]
-    ctx = make_context(11, batch_size=B, micro_batch_size=micro, mini_batch_size=4)
-    p = params_from_dict("clip_cov", values)
-    terms = apply_method("clip_cov", batch, p, ctx)
-    seq_scope = ctx.scope_ids(p.scope, B)
-    c = _scoped_c(batch, seq_scope)
-    T = batch.mask.shape[1]
+    batch, ctx, p, terms, seq_scope, c, counts = _cov_run("clip_cov", values, micro, 11, "clip_ratio")
+    B, T = batch.mask.shape
     eligible = torch.zeros(B, T, dtype=torch.bool)
     for b in range(B):
         for t in range(T):
             eligible[b, t] = bool(batch.mask[b, t]) and p.lb < float(c[b, t]) < p.ub and _iclip(
                 _ratio(batch, b, t), float(batch.adv[b, t]), p.eps_low, p.eps_high, p.dual_clip)
     keys = torch.rand(B, T, generator=torch.Generator().manual_seed(11))
-    counts = [min(n, max(p.min_select, math.floor(p.clip_ratio * n + 1e-9))) for n in _scope_lists(batch.mask, seq_scope)]
     chosen = _top_per_scope(keys, eligible, seq_scope, counts)
     assert chosen.any() or p.min_select == 0
     assert torch.equal(terms.weight, torch.where(chosen, 0.0, 1.0)) and terms.weight.dtype == torch.float32
@@ -991,14 +1000,7 @@ def test_clip_cov_terms(values, micro):
     ],
 )
 def test_kl_cov_terms(values, micro):
-    batch = _cov_batch()
-    B = batch.mask.shape[0]
-    ctx = make_context(2, batch_size=B, micro_batch_size=micro, mini_batch_size=4)
-    p = params_from_dict("kl_cov", values)
-    terms = apply_method("kl_cov", batch, p, ctx)
-    seq_scope = ctx.scope_ids(p.scope, B)
-    c = _scoped_c(batch, seq_scope)
-    counts = [min(n, max(p.min_select, math.floor(p.k * n + 1e-9))) for n in _scope_lists(batch.mask, seq_scope)]
+    batch, ctx, p, terms, seq_scope, c, counts = _cov_run("kl_cov", values, micro, 2, "k")
     chosen = _top_per_scope(c, batch.mask, seq_scope, counts)
     assert chosen.any() or p.min_select == 0
     pen = terms.penalty
