@@ -26,7 +26,7 @@ from entropy_lens_cli.common import (
     stage_progress,
 )
 
-#: ``--device-map``'s help on the forward-only commands (``analyze``, ``sample``).
+#: ``--device-map``'s help on the forward-only commands (``analyze``, ``sample``, ``eval``).
 DEVICE_MAP_HELP = ("none (the whole model on --device), auto (accelerate: the layers balanced over the visible GPUs, "
                    "then CPU memory; without a GPU, all on the CPU) or sequential (the GPUs filled in order). "
                    "For models too large for one GPU; one process, not under torchrun.")
