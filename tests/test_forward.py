@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from entropy_lens.logits import logit_stats_reference
@@ -86,13 +87,22 @@ def _loss_and_grads(model, packed, **kw):
 def test_chunked_differentiable_path_equals_the_one_pass_path_in_value_and_gradient(tiny_model):
     model = tiny_model.double()
     packed = pack(*_batch(), pad_id=0)
-    ref = _loss_and_grads(model, packed, chunk_rows=10_000)  # one chunk: the plain path
+    ref = _loss_and_grads(model, packed, chunk_rows=10_000, head="autograd")  # one chunk: the plain path
     for rows in (1, 2, 3, 8):
-        got = _loss_and_grads(model, packed, chunk_rows=rows)
+        got = _loss_and_grads(model, packed, chunk_rows=rows, head="autograd")
         assert torch.allclose(got[0], ref[0], rtol=0, atol=1e-12)
         assert torch.allclose(got[1], ref[1], rtol=0, atol=1e-12)
         for gg, gr in zip(got[2], ref[2]):
             assert torch.allclose(gg, gr, rtol=1e-10, atol=1e-13)
+    # the closed-form head keeps float64 through the softmax (the plain path rounds the logits to fp32);
+    # both return fp32
+    for rows in (1, 3, None):
+        got = _loss_and_grads(model, packed, chunk_rows=rows, head="closed-form")
+        assert got[0].dtype == got[1].dtype == torch.float32
+        assert torch.allclose(got[0], ref[0], rtol=0, atol=2e-6)
+        assert torch.allclose(got[1], ref[1], rtol=0, atol=2e-6)
+        for gg, gr in zip(got[2], ref[2]):
+            assert torch.allclose(gg, gr, rtol=1e-4, atol=1e-6)
     tiny_model.float()
 
 
@@ -120,8 +130,37 @@ def test_chunked_differentiable_path_bounds_vocabulary_width_memory_through_back
         return run
 
     rows = 16
-    chunked = live_peak_bytes(step(chunk_rows=rows), wide)
-    plain = live_peak_bytes(step(chunk_rows=10_000), wide)
+    chunked = live_peak_bytes(step(chunk_rows=rows, head="autograd"), wide)
+    closed = live_peak_bytes(step(chunk_rows=rows, head="closed-form"), wide)
+    plain = live_peak_bytes(step(chunk_rows=10_000, head="autograd"), wide)
     M = 160
     assert plain >= 3 * M * v * 4  # logits, log-softmax and more, for all 160 rows at once
     assert 0 < chunked <= 6 * rows * v * 4  # a few [16, V] temporaries of one chunk
+    assert 0 < closed <= 3 * rows * v * 4  # backward: log q → ∂L/∂z and q of one chunk
+
+
+def test_auto_head_is_closed_form_for_a_linear_head_and_autograd_otherwise(tiny_model, monkeypatch):
+    import entropy_lens.kernels.head_grad as fk
+    from entropy_lens.model.forward import closed_form_head_applies
+
+    calls = []
+    real = fk.head_logp_entropy
+    monkeypatch.setattr(fk, "head_logp_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    packed = pack(*_batch(), pad_id=0)
+    assert closed_form_head_applies(tiny_model)
+    response_logp_entropy(tiny_model, packed)
+    assert calls == [1]
+    with torch.no_grad():  # no autograd: nothing to gain, the plain pass
+        response_logp_entropy(tiny_model, packed)
+    assert calls == [1]
+    tiny_model.config.final_logit_softcapping = 30.0
+    try:
+        assert not closed_form_head_applies(tiny_model)
+        response_logp_entropy(tiny_model, packed)
+        assert calls == [1]
+        with pytest.raises(ValueError, match="needs a linear LM head"):
+            response_logp_entropy(tiny_model, packed, head="closed-form")
+    finally:
+        tiny_model.config.final_logit_softcapping = None
+    with pytest.raises(ValueError, match="head must be one of"):
+        response_logp_entropy(tiny_model, packed, head="triton")

@@ -166,26 +166,60 @@ def _logp_entropy_rows(model, hidden: torch.Tensor, ids: torch.Tensor, temperatu
     return logp, -(torch.exp(logq) * logq).sum(-1)
 
 
+#: Differentiable head paths of :func:`response_logp_entropy`.
+HEAD_PATHS = ("auto", "closed-form", "autograd")
+
+
+def closed_form_head_applies(model) -> bool:
+    """Whether the LM head is a plain linear map z = h·Wᵀ (no bias, no logit soft-capping), the case
+    :func:`entropy_lens.kernels.head_grad.head_logp_entropy` covers."""
+    head = model.get_output_embeddings()
+    return (
+        isinstance(head, torch.nn.Linear)
+        and head.bias is None
+        and not getattr(model.config, "final_logit_softcapping", None)
+    )
+
+
 def response_logp_entropy(
     model,
     packed: PackedBatch,
     temperature: float = 1.0,
     chunk_rows: int | None = None,
     chunk_bytes: int = GRAD_CHUNK_BYTES,
+    head: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable ``(logp, entropy)`` ``[B, T]`` of the response tokens (0 on padding).
+    """Differentiable ``(logp, entropy)`` ``[B, T]`` fp32 of the response tokens (0 on padding).
 
-    The loss path (trainer, ``validate``, ``compare --measure``). When the batch's fp32 logits
-    ``[M, V]`` would exceed ``chunk_bytes`` (or ``chunk_rows`` is given), the LM head, softmax and
-    statistics run on ``chunk_rows`` response rows at a time under activation checkpointing: no
-    logits are kept for backward, each chunk is recomputed there, so the vocabulary-width memory
-    is bounded by one chunk (a few ``[r, V]`` temporaries) instead of the whole micro-batch —
-    at the cost of one more head matmul + softmax per chunk in backward. Values and gradients
-    equal the one-pass path (the same operations; tests/test_forward.py).
+    The loss path (trainer, ``validate``, ``compare --measure``). Two ways through the LM head, equal
+    in value and gradient up to rounding (tests/test_forward.py, tests/test_head_grad.py):
+
+    - ``closed-form``: :func:`entropy_lens.kernels.head_grad.head_logp_entropy`: the statistics pass
+      reads each chunk of logits once, and backward recomputes the chunk and applies the closed-form
+      gradient; no ``[M, V]`` tensor is kept for backward and the vocabulary-width memory is one
+      chunk (``chunk_rows`` rows; default two fp32 ``[rows, V]`` buffers in 128 MiB). Needs a plain
+      linear head (:func:`closed_form_head_applies`).
+    - ``autograd``: the LM head, ``log_softmax`` and autograd; when the batch's fp32 logits ``[M, V]``
+      would exceed ``chunk_bytes`` (or ``chunk_rows`` is given) it runs on ``chunk_rows`` rows at a
+      time under activation checkpointing (each chunk recomputed in backward), so its
+      vocabulary-width memory is also bounded by one chunk (a few ``[r, V]`` temporaries).
+    - ``auto`` (default): ``closed-form`` when autograd is on and the head applies, else ``autograd``
+      (benchmarks/RESULTS.md, "Differentiable loss path").
     """
+    if head not in HEAD_PATHS:
+        raise ValueError(f"head must be one of {', '.join(HEAD_PATHS)}, got {head!r}")
     h = response_hidden(model, packed)
     ids = packed.response_ids[packed.mask]
     M = h.shape[0]
+    closed = head == "closed-form" or (head == "auto" and torch.is_grad_enabled() and closed_form_head_applies(model))
+    if closed:
+        if not closed_form_head_applies(model):
+            raise ValueError("head='closed-form' needs a linear LM head without bias or logit soft-capping")
+        from entropy_lens.kernels.head_grad import head_logp_entropy
+
+        weight = model.get_output_embeddings().weight
+        logp, ent = head_logp_entropy(h, weight, ids, temperature, chunk_rows)  # float64 for a float64 model
+        return scatter_rows(logp.float(), packed.mask), scatter_rows(ent.float(), packed.mask)
     vocab = model.get_output_embeddings().weight.shape[0]
     if chunk_rows is None:
         chunk_rows = M if M * vocab * 4 <= chunk_bytes else max(1, chunk_bytes // (4 * 4 * vocab))

@@ -1,0 +1,135 @@
+"""Differentiable log-prob and entropy of a linear LM head with a closed-form backward.
+
+For hidden rows h [N, D], head weight W [V, D], sampled tokens y [N] and temperature τ, with
+z = h·Wᵀ/τ, log q = z − log Z and H = −Σ_v q_v log q_v (nats), :func:`head_logp_entropy` returns
+(log q_y, H) and, in backward, for upstream gradients g_l (of log q_y) and g_H (of H):
+
+    ∂L/∂z_v = g_l·(δ_{v,y} − q_v) − g_H·q_v·(log q_v + H) = q_v·(−g_H·log q_v − c) + g_l·δ_{v,y},
+    c = g_l + g_H·H,     ∂L/∂h = (∂L/∂z)·W/τ,     ∂L/∂W = (∂L/∂z)ᵀ·h/τ.
+
+The logits are formed one chunk of rows at a time, in the forward (read once by the statistics pass
+of :func:`entropy_lens.kernels.logit_stats_auto`: the Triton kernel on CUDA, the CPU kernel or
+eager blocks elsewhere) and again in backward; no ``[N, V]`` tensor is kept between the two. Autograd
+through ``log_softmax`` instead keeps the logits, log q and more for the whole batch, or recomputes
+the forward under checkpointing and then runs its backward (two more passes).
+
+Precision follows the plain path (``log_softmax(head(h).float() / τ)``): the logits chunk is the
+head's GEMM in the operands' dtype, reduced in fp32 (float64 throughout when an operand is float64);
+in backward ∂L/∂z is fp32 and is cast to the operands' dtype for the two gradient GEMMs (what
+autograd does through a bf16 head); ∂L/∂W is accumulated over chunks in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from entropy_lens.kernels import logit_stats_auto
+from entropy_lens.logits import default_chunk_rows
+
+#: Bytes of the vocabulary-width buffers one chunk may use (forward: the logits chunk; backward:
+#: ∂L/∂z in fp32 and q).
+HEAD_CHUNK_BYTES = 128 * 2**20
+
+
+def _chunk_rows(vocab: int, chunk_rows: int | None, float64: bool) -> int:
+    """Rows per chunk: ``chunk_rows`` or two fp32 (float64) ``[rows, V]`` buffers in HEAD_CHUNK_BYTES."""
+    return chunk_rows or default_chunk_rows(vocab, HEAD_CHUNK_BYTES // (4 if float64 else 2))
+
+
+def _logits(h: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``[r, V]`` z = h·Wᵀ/τ: the GEMM in the weight's dtype (as the model's head computes it), then
+    fp32 (float64 for a float64 weight)."""
+    z = h.to(weight.dtype) @ weight.T
+    z = z.float() if z.dtype != torch.float64 else z
+    return z.div_(temperature)
+
+
+def _forward_rows(
+    hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, temperature: float, rows: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(log q_y, H, log Z)`` ``[N]`` each, chunk by chunk (fp32; float64 for a float64 weight)."""
+    n = hidden.shape[0]
+    f64 = weight.dtype == torch.float64
+    out = torch.empty(3, n, dtype=torch.float64 if f64 else torch.float32, device=hidden.device)
+    for i in range(0, n, rows):
+        j = min(i + rows, n)
+        z = _logits(hidden[i:j], weight, temperature)
+        z_y = z.gather(-1, ids[i:j, None]).squeeze(-1)
+        if f64:
+            lse = torch.logsumexp(z, -1)
+            logq = z.sub_(lse[:, None])
+            out[0, i:j] = z_y - lse
+            out[1, i:j] = -(logq.exp() * logq).sum(-1)
+        else:  # one read of the chunk by the statistics pass (τ already applied), which may overwrite it
+            st = logit_stats_auto(z, ids[i:j], 1.0, consume=True)
+            out[0, i:j], out[1, i:j] = st.logp, st.entropy
+            lse = z_y - st.logp
+        out[2, i:j] = lse
+    return out[0], out[1], out[2]
+
+
+class _HeadLogpEntropy(torch.autograd.Function):
+    """(log q_y, H) with the module docstring's backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ids, temperature, rows):
+        logp, ent, lse = _forward_rows(hidden.detach(), weight.detach(), ids, temperature, rows)
+        ctx.save_for_backward(hidden, weight, ids, ent, lse)
+        ctx.temperature, ctx.rows = temperature, rows
+        return logp, ent
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, ids, ent, lse = ctx.saved_tensors
+        tau, rows = ctx.temperature, ctx.rows
+        n, v = hidden.shape[0], weight.shape[0]
+        g_l = torch.zeros_like(ent) if g_logp is None else g_logp.to(ent.dtype)
+        g_h = torch.zeros_like(ent) if g_ent is None else g_ent.to(ent.dtype)
+        c = g_l + g_h * ent
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        d_hidden = torch.empty(n, hidden.shape[1], dtype=hidden.dtype, device=hidden.device) if want_h else None
+        d_weight = torch.zeros(v, weight.shape[1], dtype=ent.dtype, device=weight.device) if want_w else None
+        for i in range(0, n, rows):
+            j = min(i + rows, n)
+            dz = _logits(hidden[i:j], weight, tau).sub_(lse[i:j, None])  # log q
+            q = torch.exp(dz)
+            dz.mul_(-g_h[i:j, None]).sub_(c[i:j, None]).mul_(q)
+            del q
+            dz[torch.arange(j - i, device=dz.device), ids[i:j]] += g_l[i:j]
+            dz = dz.to(weight.dtype).div_(tau)  # z = h·Wᵀ/τ
+            if want_h:
+                d_hidden[i:j] = (dz @ weight).to(hidden.dtype)
+            if want_w:
+                d_weight += dz.T @ hidden[i:j].to(weight.dtype)
+        return d_hidden, None if d_weight is None else d_weight.to(weight.dtype), None, None, None
+
+
+def head_logp_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    token_ids: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable ``(log q_y, H)`` ``[N]`` each (nats; fp32, float64 for a float64 weight) of the
+    linear LM head z = h·Wᵀ/τ: ``hidden`` [N, D], ``weight`` [V, D], ``token_ids`` y [N].
+
+    ``chunk_rows`` rows of logits at a time (default: two fp32 ``[rows, V]`` buffers in 128 MiB),
+    in the forward and again in the closed-form backward (module docstring); no vocabulary-width
+    tensor outlives a chunk. First derivatives only (no double backward, no forward-mode AD).
+    Values and gradients equal the ``log_softmax`` + autograd path up to rounding
+    (tests/test_head_grad.py).
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden must be [N, D] and weight [V, D], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if not (temperature > 0):
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    ids = token_ids.reshape(-1).to(device=hidden.device, dtype=torch.long)
+    v = weight.shape[0]
+    if ids.numel() != hidden.shape[0]:
+        raise ValueError(f"token_ids has {ids.numel()} entries for {hidden.shape[0]} hidden rows")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= v):
+        raise ValueError(f"token id out of range [0, {v}): min {int(ids.min())}, max {int(ids.max())}")
+    rows = _chunk_rows(v, chunk_rows, weight.dtype == torch.float64)
+    return _HeadLogpEntropy.apply(hidden, weight, ids, float(temperature), rows)
