@@ -21,12 +21,12 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
 }
 
 # 1. the Triton kernels compiled on the GPU against float64 (incl. V = 151,936 bf16)
-step kernel-tests 90 python -m pytest -q tests/test_kernels.py tests/test_head_grad.py
+step kernel-tests 90 python -m pytest -q tests/test_kernels.py tests/test_head_grad.py tests/test_triton_head_grad.py
 # 2. the statistics kernel and the fused head against the baselines, quick mode (no sweeps)
 step logits-bench 120 python -m benchmarks.logits_bench --device cuda --quick \
   --json "$OUT/logits_cuda.json" --markdown "$OUT/logits_cuda.md"
-# 3. the differentiable head (trainer / validate loss path): one pass, checkpointed chunks, fused head
-#    with its closed-form backward; 1.5B-shaped head (hidden 1,536, V = 151,936), 8,192 rows, bf16
+# 3. the differentiable head (trainer / validate loss path): one pass, checkpointed chunks, closed-form head
+#    with the torch and the Triton backward; 1.5B-shaped head (hidden 1,536, V = 151,936), 8,192 rows, bf16
 step grad-head-bench 60 python -m benchmarks.grad_chunk_bench --device cuda --dtype bfloat16 --rows 8192 \
   --vocab 151936 --hidden 1536 --chunk 1024 --reps 3 --out "$OUT/grad_head_cuda.json"
 # 4. dh_jvp against forward + backward on a 1.5B-shaped model, bf16, 4 x 1,024 tokens, per attention path

@@ -8,7 +8,8 @@ model with the given hidden size and vocabulary (SmolLM2-135M's by default), ``-
 tokens, then ``backward`` of Σ log p + Σ H. Compared: the one-pass path (``chunk_rows`` ≥ rows) and
 the checkpointed chunked path (``--chunk`` rows per chunk), both ``head="autograd"``, and
 ``head="closed-form"`` (:mod:`entropy_lens.kernels.head_grad`: one statistics read per chunk, closed-form
-backward) with its default chunk (two fp32 ``[rows, V]`` buffers in 128 MiB) and with ``--chunk`` rows. Columns: median wall ms over ``--reps``
+backward) with its default chunk (two fp32 ``[rows, V]`` buffers in 128 MiB) and with ``--chunk`` rows;
+on CUDA also with the Triton backward kernel (``ENTROPY_LENS_HEAD_BACKWARD=triton``). Columns: median wall ms over ``--reps``
 round-robin repetitions, the ratio to the one-pass path, and the peak bytes of live tensors of
 vocabulary width during forward + backward (:mod:`entropy_lens.testing.memtrack`, exact, allocator
 independent; CPU only) or the CUDA allocator's peak above the start (CUDA). The rows also go to a JSON
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -60,15 +62,16 @@ def main() -> None:
     if cuda:
         packed = packed.to(a.device)
 
-    def call(path: tuple[str, int | None]) -> None:
-        head, rows = path
+    def call(path: tuple) -> None:
+        head, rows, *backward = path
+        os.environ["ENTROPY_LENS_HEAD_BACKWARD"] = backward[0] if backward else "torch"
         model.zero_grad(set_to_none=True)
         logp, ent = response_logp_entropy(model, packed, 1.0, chunk_rows=rows, head=head)
         (logp.sum() + ent.sum()).backward()
         if cuda:
             torch.cuda.synchronize()
 
-    def peak_mib(path: tuple[str, int | None]) -> float:
+    def peak_mib(path: tuple) -> float:
         if not cuda:
             return live_peak_bytes(lambda: call(path), wide) / 2**20
         torch.cuda.synchronize()
@@ -81,6 +84,8 @@ def main() -> None:
     call(("closed-form", None))  # warm-up (allocator, kernels)
     paths = {"one pass": ("autograd", 10**9), f"chunked ({a.chunk} rows)": ("autograd", a.chunk),
              "closed-form head (default chunk)": ("closed-form", None), f"closed-form head ({a.chunk} rows)": ("closed-form", a.chunk)}
+    if cuda:  # the Triton tile kernel for ∂L/∂z (kernels/triton_head_grad.py; opt-in until measured)
+        paths["closed-form head, Triton backward (default chunk)"] = ("closed-form", None, "triton")
     times: dict[str, list[float]] = {k: [] for k in paths}
     for _ in range(a.reps):  # round-robin so load changes hit both paths alike
         for name, path in paths.items():

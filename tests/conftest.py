@@ -36,19 +36,24 @@ def make_model(vocab: int = 48, seed: int = 0, layers: int = 2, attn: str = "eag
     return model
 
 
+#: Test files whose tests need triton (they run the kernels in its interpreter without CUDA).
+TRITON_TEST_FILES = ("test_kernels.py", "test_triton_head_grad.py")
+
+
 def triton_problem(test_files: set[str], system: str, machine: str, importer=importlib.import_module) -> str | None:
-    """Why the kernel tests (``test_kernels.py`` among ``test_files``) would skip where they must
+    """Why the kernel tests (any of ``TRITON_TEST_FILES`` among ``test_files``) would skip where they must
     run, or ``None``. On Linux x86-64 the test extra installs triton (pyproject.toml), so a missing
     or broken triton there is an install to fix, not a row of silent skips. Other platforms, and runs that
     do not collect the kernel tests (the verl/TRL extras run only tests/integrations/), are not checked."""
-    if "test_kernels.py" not in test_files or (system, machine) != ("Linux", "x86_64"):
+    needing = [f for f in TRITON_TEST_FILES if f in test_files]
+    if not needing or (system, machine) != ("Linux", "x86_64"):
         return None
     try:
         importer("triton")
     except Exception as exc:  # noqa: BLE001 - a broken install raises more than ImportError
-        return (f"tests/test_kernels.py needs triton on Linux x86-64, where the test extra installs it "
+        return (f"tests/{needing[0]} needs triton on Linux x86-64, where the test extra installs it "
                 f"(pip install -e \".[test]\"), but `import triton` failed ({type(exc).__name__}: {exc}); "
-                "install it, or leave the kernel tests out explicitly with --ignore=tests/test_kernels.py")
+                f"install it, or leave the kernel tests out explicitly with --ignore=tests/{needing[0]}")
     return None
 
 

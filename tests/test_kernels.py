@@ -314,6 +314,8 @@ def test_missing_triton_fails_the_run_where_the_test_extra_installs_it():
     msg = triton_problem({"test_kernels.py", "test_logits.py"}, "Linux", "x86_64", absent)
     assert msg is not None and "import triton" in msg and "No module named 'triton'" in msg
     assert '.[test]' in msg and "--ignore=tests/test_kernels.py" in msg
+    alone = triton_problem({"test_triton_head_grad.py"}, "Linux", "x86_64", absent)
+    assert alone is not None and "--ignore=tests/test_triton_head_grad.py" in alone
     assert triton_problem({"test_trl.py"}, "Linux", "x86_64", absent) is None
     assert triton_problem({"test_kernels.py"}, "Darwin", "arm64", absent) is None
     assert triton_problem({"test_kernels.py"}, "Linux", "aarch64", absent) is None

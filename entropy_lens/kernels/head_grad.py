@@ -21,6 +21,8 @@ autograd does through a bf16 head); ∂L/∂W is accumulated over chunks in fp32
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from entropy_lens.kernels import logit_stats_auto
@@ -68,14 +70,53 @@ def _forward_rows(
     return out[0], out[1], out[2]
 
 
+def dz_torch(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ids: torch.Tensor,
+    lse: torch.Tensor,
+    g_h: torch.Tensor,
+    c: torch.Tensor,
+    g_l: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """∂L/∂z / τ ``[r, V]`` in ``weight``'s dtype for hidden rows ``[r, D]`` (module docstring); ``lse``,
+    ``g_h``, ``c`` = g_l + g_H·H, ``g_l`` ``[r]`` in the reduction dtype. Two ``[r, V]`` buffers."""
+    dz = _logits(hidden, weight, temperature).sub_(lse[:, None])  # log q
+    q = torch.exp(dz)
+    dz.mul_(-g_h[:, None]).sub_(c[:, None]).mul_(q)
+    del q
+    dz[torch.arange(dz.shape[0], device=dz.device), ids] += g_l
+    return dz.div_(temperature).to(weight.dtype)  # z = h·Wᵀ/τ; one rounding to the weight's dtype
+
+
+#: Backward kernels: the torch passes above, or the Triton tile kernel (CUDA; the interpreter in tests).
+BACKWARDS = ("auto", "torch", "triton")
+
+
+def _backward_kernel(choice: str, hidden: torch.Tensor, weight: torch.Tensor) -> str:
+    """``auto``: ``$ENTROPY_LENS_HEAD_BACKWARD`` (``torch`` unless set to ``triton``), and ``torch``
+    off CUDA or for float64; the Triton kernel is opt-in until it is measured against the torch
+    passes on a GPU (benchmarks/gpu_check.sh)."""
+    if choice == "auto":
+        choice = os.environ.get("ENTROPY_LENS_HEAD_BACKWARD", "torch")
+        if not hidden.is_cuda or weight.dtype == torch.float64:
+            return "torch"
+    if choice not in BACKWARDS[1:]:
+        raise ValueError(f"head backward must be one of {', '.join(BACKWARDS)}, got {choice!r}")
+    if choice == "triton" and not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("head backward 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the interpreter)")
+    return choice
+
+
 class _HeadLogpEntropy(torch.autograd.Function):
     """(log q_y, H) with the module docstring's backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, ids, temperature, rows):
+    def forward(ctx, hidden, weight, ids, temperature, rows, backward):
         logp, ent, lse = _forward_rows(hidden.detach(), weight.detach(), ids, temperature, rows)
         ctx.save_for_backward(hidden, weight, ids, ent, lse)
-        ctx.temperature, ctx.rows = temperature, rows
+        ctx.temperature, ctx.rows, ctx.backward = temperature, rows, backward
         return logp, ent
 
     @staticmethod
@@ -87,22 +128,21 @@ class _HeadLogpEntropy(torch.autograd.Function):
         g_l = torch.zeros_like(ent) if g_logp is None else g_logp.to(ent.dtype)
         g_h = torch.zeros_like(ent) if g_ent is None else g_ent.to(ent.dtype)
         c = g_l + g_h * ent
+        if ctx.backward == "triton":
+            from entropy_lens.kernels.triton_head_grad import dz_triton as dz_of
+        else:
+            dz_of = dz_torch
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         d_hidden = torch.empty(n, hidden.shape[1], dtype=hidden.dtype, device=hidden.device) if want_h else None
         d_weight = torch.zeros(v, weight.shape[1], dtype=ent.dtype, device=weight.device) if want_w else None
         for i in range(0, n, rows):
             j = min(i + rows, n)
-            dz = _logits(hidden[i:j], weight, tau).sub_(lse[i:j, None])  # log q
-            q = torch.exp(dz)
-            dz.mul_(-g_h[i:j, None]).sub_(c[i:j, None]).mul_(q)
-            del q
-            dz[torch.arange(j - i, device=dz.device), ids[i:j]] += g_l[i:j]
-            dz = dz.to(weight.dtype).div_(tau)  # z = h·Wᵀ/τ
+            dz = dz_of(hidden[i:j], weight, ids[i:j], lse[i:j], g_h[i:j], c[i:j], g_l[i:j], tau)
             if want_h:
                 d_hidden[i:j] = (dz @ weight).to(hidden.dtype)
             if want_w:
                 d_weight += dz.T @ hidden[i:j].to(weight.dtype)
-        return d_hidden, None if d_weight is None else d_weight.to(weight.dtype), None, None, None
+        return d_hidden, None if d_weight is None else d_weight.to(weight.dtype), None, None, None, None
 
 
 def head_logp_entropy(
@@ -111,13 +151,16 @@ def head_logp_entropy(
     token_ids: torch.Tensor,
     temperature: float = 1.0,
     chunk_rows: int | None = None,
+    backward: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable ``(log q_y, H)`` ``[N]`` each (nats; fp32, float64 for a float64 weight) of the
     linear LM head z = h·Wᵀ/τ: ``hidden`` [N, D], ``weight`` [V, D], ``token_ids`` y [N].
 
     ``chunk_rows`` rows of logits at a time (default: two fp32 ``[rows, V]`` buffers in 128 MiB),
     in the forward and again in the closed-form backward (module docstring); no vocabulary-width
-    tensor outlives a chunk. First derivatives only (no double backward, no forward-mode AD).
+    tensor outlives a chunk. ``backward``: ``torch`` (element-wise passes over the recomputed chunk),
+    ``triton`` (one tile kernel, :mod:`entropy_lens.kernels.triton_head_grad`) or ``auto``
+    (:func:`_backward_kernel`). First derivatives only (no double backward, no forward-mode AD).
     Values and gradients equal the ``log_softmax`` + autograd path up to rounding
     (tests/test_head_grad.py).
     """
@@ -132,4 +175,5 @@ def head_logp_entropy(
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= v):
         raise ValueError(f"token id out of range [0, {v}): min {int(ids.min())}, max {int(ids.max())}")
     rows = _chunk_rows(v, chunk_rows, weight.dtype == torch.float64)
-    return _HeadLogpEntropy.apply(hidden, weight, ids, float(temperature), rows)
+    kernel = _backward_kernel(backward, hidden, weight)
+    return _HeadLogpEntropy.apply(hidden, weight, ids, float(temperature), rows, kernel)
