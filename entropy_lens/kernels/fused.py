@@ -92,6 +92,30 @@ if triton is not None:
     )
 
     @triton.jit
+    def tile_logits(
+        h_ptr, w_ptr, rows, cols, row_ok, col_ok, d_model, stride_hn, stride_hd, stride_wv, stride_wd,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        """``[BLOCK_N, BLOCK_V]`` fp32 tile of hidden[rows] · weight[cols]ᵀ, ``tl.dot`` over ``BLOCK_D``
+        slices of D (masked lanes read 0). ``UPCAST``: multiply in fp32 (Triton's CPU interpreter
+        multiplies bf16 as raw integers)."""
+        offs_d = tl.arange(0, BLOCK_D)
+        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        for d0 in range(0, d_model, BLOCK_D):
+            dd = d0 + offs_d
+            d_ok = dd < d_model
+            a = tl.load(h_ptr + rows[:, None] * stride_hn + dd[None, :] * stride_hd,
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + cols[None, :] * stride_wv + dd[:, None] * stride_wd,
+                        mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+            if UPCAST:
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=INPUT_PRECISION)
+            else:
+                acc = tl.dot(a.to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
+        return acc
+
+    @triton.jit
     def _fused_kernel(
         h_ptr, w_ptr, ids_ptr, part_ptr, ztok_ptr,
         n_rows, n_vocab, d_model, stride_hn, stride_hd, stride_wv, stride_wd, inv_t, tiles_per_split,
@@ -106,7 +130,6 @@ if triton is not None:
         row_ok = rows < n_rows
         tok = tl.load(ids_ptr + rows, mask=row_ok, other=-1)
         offs_v = tl.arange(0, BLOCK_V)
-        offs_d = tl.arange(0, BLOCK_D)
         m = tl.full([BLOCK_N], _M_INIT, tl.float32)
         s = tl.zeros([BLOCK_N], tl.float32)
         t = tl.zeros([BLOCK_N], tl.float32)
@@ -116,18 +139,8 @@ if triton is not None:
         for k in range(0, tiles_per_split):
             cols = ((split * tiles_per_split + k) * BLOCK_V + offs_v).to(tl.int64)
             col_ok = cols < n_vocab
-            acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-            for d0 in range(0, d_model, BLOCK_D):
-                dd = d0 + offs_d
-                d_ok = dd < d_model
-                a = tl.load(h_ptr + rows[:, None] * stride_hn + dd[None, :] * stride_hd,
-                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                b = tl.load(w_ptr + cols[None, :] * stride_wv + dd[:, None] * stride_wd,
-                            mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-                if UPCAST:  # Triton's CPU interpreter multiplies bf16 as raw integers
-                    acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=INPUT_PRECISION)
-                else:
-                    acc = tl.dot(a.to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
+            acc = tile_logits(h_ptr, w_ptr, rows, cols, row_ok, col_ok, d_model, stride_hn, stride_hd, stride_wv,
+                              stride_wd, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION, UPCAST)
             x = tl.where(col_ok[None, :], acc * inv_t, float("-inf"))
             z_tok += tl.sum(tl.where(cols[None, :] == tok[:, None], x, 0.0), 1)
             m, s, t, q, r = _online_update(x, m, s, t, q, r, False)

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from entropy_lens.kernels.fused import tile_logits
+
 #: Default tiles: rows per program, vocabulary columns per tile, slice of D per MMA step, warps,
 #: pipeline stages (untuned: the same as the fused forward kernel's defaults).
 DEFAULT_DZ_CONFIG = {"block_n": 128, "block_v": 128, "block_d": 64, "num_warps": 8, "num_stages": 3}
@@ -46,19 +48,8 @@ def _dz_kernel(
     cols = (tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
     row_ok = rows < n_rows
     col_ok = cols < n_vocab
-    offs_d = tl.arange(0, BLOCK_D)
-    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-    for d0 in range(0, d_model, BLOCK_D):
-        dd = d0 + offs_d
-        d_ok = dd < d_model
-        a = tl.load(h_ptr + rows[:, None] * stride_hn + dd[None, :] * stride_hd,
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        b = tl.load(w_ptr + cols[None, :] * stride_wv + dd[:, None] * stride_wd,
-                    mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-        if UPCAST:  # Triton's CPU interpreter multiplies bf16 as raw integers
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=INPUT_PRECISION)
-        else:
-            acc = tl.dot(a.to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
+    acc = tile_logits(h_ptr, w_ptr, rows, cols, row_ok, col_ok, d_model, stride_hn, stride_hd, stride_wv, stride_wd,
+                      BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION, UPCAST)
     if ROUND:  # the head's GEMM output in its own dtype, as the forward read it
         if UPCAST:
             acc = _rtne_bf16(acc)
