@@ -29,6 +29,13 @@ def test_terms_follow_the_documented_formula():
     low = bg.estimate_terms(lengths, L, d, h, V, b, 2, True, response_lengths=resp, intermediate=I, n_params=P)
     assert low["params"] == 14 * P  # bf16 weights + three fp32 copies of the fp32 master path
     assert t["update"] == b * S * L * act + 4 * M * V * 4
+    closed = bg.estimate_terms(lengths, L, d, h, V, b, e, True, response_lengths=resp, intermediate=I, n_params=P,
+                               closed_form_head=True)
+    rows = 128 * 2**20 // (8 * V)
+    assert closed["update"] == b * S * L * act + 3 * min(M, rows) * V * 4
+    wide = bg.estimate_terms(lengths, L, d, h, 2**20, b, e, False, response_lengths=resp, intermediate=I,
+                             closed_form_head=True)  # 16 rows a chunk, fewer than M = 37
+    assert wide["update"] == b * S * L * act + 3 * 16 * 2**20 * 4
     assert t["jvp"] == 6 * b * h * S * S * 4 + 2 * b * S * act + 8 * M * V * 4
     assert t["forward"] == b * S * act + bg.FORWARD_CHUNK_BYTES
     assert t["peak"] == t["params"] + max(t["update"], t["jvp"], t["forward"])
@@ -76,7 +83,8 @@ def test_update_estimate_bounds_the_measured_peak(attn):
     d = bg.model_dims(model)
     t = bg.estimate_terms([6 + len(r) for r in responses], d["n_layers"], d["hidden"], d["n_heads"], d["vocab"], 2,
                           d["dtype_bytes"], False, response_lengths=[len(r) for r in responses],
-                          intermediate=d["intermediate"], n_params=d["n_params"], eager=attn == "eager")
+                          intermediate=d["intermediate"], n_params=d["n_params"], eager=attn == "eager",
+                          closed_form_head=True)  # the update's default head path for this linear head
     estimate = t["update"] + 2 * d["n_params"] * d["dtype_bytes"]
     assert measured <= estimate <= 2 * measured, (measured, estimate)
 

@@ -18,6 +18,10 @@ heads, ``I`` MLP width (default 4d), ``V`` vocabulary, ``e`` bytes per parameter
                                             around the step; the measuring copy and Δθ after it)
     update          = b·S·L·(12d + 6I)·e    activations saved for backward
                     + 4·M·V·4               fp32 logits, log-softmax, softmax and a gradient of them
+                                            (autograd through the LM head), or
+                    + 3·min(M, R)·V·4       with the closed-form head (a plain linear head, the
+                                            default): one chunk of R = 128 MiB / (8·V) rows in the
+                                            forward, two in backward (``kernels/head_grad.py``)
                     [+ 2·L·b·h·S²·e]        eager attention only: scores and probabilities per layer
     jvp             = 6·b·h·S²·4            eager attention under forward-mode AD (scores and fp32
                                             probabilities with their tangents, one layer at a time)
@@ -36,6 +40,8 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+from entropy_lens.model.forward import closed_form_head_applies
 
 MiB = 2**20
 GiB = 2**30
@@ -64,13 +70,15 @@ def estimate_terms(
     intermediate: int | None = None,
     n_params: int = 0,
     eager: bool = False,
+    closed_form_head: bool = False,
 ) -> dict[str, int]:
     """The terms of the module docstring's formula, in bytes: ``params``, ``update``, ``jvp``
     (0 when ``jvp`` is False), ``forward`` and ``peak``.
 
     ``lengths``: packed tokens (prompt + response) per sequence; ``response_lengths``: response
     tokens per sequence (default: ``lengths``, an upper bound); ``eager``: the update runs with eager
-    attention too (otherwise SDPA, linear in S).
+    attention too (otherwise SDPA, linear in S); ``closed_form_head``: the update's LM head takes the
+    closed-form path (``model.forward.response_logp_entropy``, ``head="auto"`` on a plain linear head).
     """
     if not lengths:
         return {"params": 0, "update": 0, "jvp": 0, "forward": 0, "peak": 0}
@@ -80,7 +88,13 @@ def estimate_terms(
     M = sum(sorted(resp, reverse=True)[:b])
     act = _act_per_token(hidden, intermediate or 4 * hidden, dtype_bytes)
     params = 4 * n_params * dtype_bytes if dtype_bytes >= 4 else n_params * (dtype_bytes + 12)
-    update = b * S * n_layers * act + 4 * M * vocab * 4
+    if closed_form_head:
+        from entropy_lens.kernels.head_grad import HEAD_CHUNK_BYTES
+
+        head = 3 * min(M, max(1, HEAD_CHUNK_BYTES // (8 * max(vocab, 1)))) * vocab * 4
+    else:
+        head = 4 * M * vocab * 4
+    update = b * S * n_layers * act + head
     if eager:
         update += 2 * n_layers * b * n_heads * S * S * dtype_bytes
     jvp_bytes = (6 * b * n_heads * S * S * 4 + 2 * b * S * act + 8 * M * vocab * 4) if jvp else 0
@@ -204,6 +218,7 @@ def check_budget(
     terms = estimate_terms(
         lengths, dims["n_layers"], dims["hidden"], dims["n_heads"], dims["vocab"], micro_batch, dims["dtype_bytes"],
         jvp, response_lengths=response_lengths, intermediate=dims["intermediate"], n_params=dims["n_params"], eager=eager,
+        closed_form_head=closed_form_head_applies(model),
     )
     if available is None:
         params = list(model.parameters())
