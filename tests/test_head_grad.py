@@ -69,6 +69,33 @@ def test_bfloat16_operands_follow_the_plain_bf16_head():
     torch.testing.assert_close(gw.float(), rw.float(), rtol=2e-2, atol=2e-2)
 
 
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_autocast_bf16_over_fp32_weights_matches_autograd_under_the_same_autocast():
+    """The trainer's case: fp32 weights, bf16 autocast. The forward's logits and the backward's
+    recomputed ones must come from the same bf16 GEMM (a backward recomputing in fp32 was 10 % off)."""
+    h, w, ids = _case(n=32, d=64, v=500, seed=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp, ent = head_logp_entropy(h, w, ids, 0.9, chunk_rows=7)
+    gh, gw = torch.autograd.grad((logp + 0.5 * ent).sum(), (h, w))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logq = torch.log_softmax((h @ w.T).float() / 0.9, -1)  # the plain path under autocast
+        rlogp, rent = logq.gather(-1, ids[:, None]).squeeze(-1), -(logq.exp() * logq).sum(-1)
+    rh, rw = torch.autograd.grad((rlogp + 0.5 * rent).sum(), (h, w))
+    assert gh.dtype == gw.dtype == torch.float32
+    torch.testing.assert_close(logp, rlogp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, rent, rtol=1e-5, atol=1e-5)
+    assert _rel(gh, rh) < 1e-2 and _rel(gw, rw) < 1e-2, (_rel(gh, rh), _rel(gw, rw))
+    # backward inside an autocast region gives the same gradients as outside (it fixes its own dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp2, ent2 = head_logp_entropy(h, w, ids, 0.9, chunk_rows=7)
+        gh2, gw2 = torch.autograd.grad((logp2 + 0.5 * ent2).sum(), (h, w))
+    torch.testing.assert_close(gh2, gh, rtol=0, atol=0)
+    torch.testing.assert_close(gw2, gw, rtol=0, atol=0)
+
+
 def test_bad_token_id_is_one_line_error():
     h, w, ids = _case()
     with pytest.raises(ValueError, match=r"token id out of range \[0, 50\)"):

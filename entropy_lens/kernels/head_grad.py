@@ -13,10 +13,14 @@ eager blocks elsewhere) and again in backward; no ``[N, V]`` tensor is kept betw
 through ``log_softmax`` instead keeps the logits, log q and more for the whole batch, or recomputes
 the forward under checkpointing and then runs its backward (two more passes).
 
-Precision follows the plain path (``log_softmax(head(h).float() / τ)``): the logits chunk is the
-head's GEMM in the operands' dtype, reduced in fp32 (float64 throughout when an operand is float64);
-in backward ∂L/∂z is fp32 and is cast to the operands' dtype for the two gradient GEMMs (what
-autograd does through a bf16 head); ∂L/∂W is accumulated over chunks in fp32.
+Precision follows the plain path (``log_softmax(head(h).float() / τ)``): all three GEMMs run in one
+*GEMM dtype*, the one the model's head would use: the autocast dtype when autocast is on for the
+tensors' device (the trainer's bf16 autocast over fp32 weights), else the weight's dtype. It is fixed
+when the forward runs, and the backward uses it too (autocast is off inside both, the casts are
+explicit), so the recomputed logits are exactly the ones log Z came from. The logits chunk is reduced
+in fp32 (float64 throughout for a float64 weight); ∂L/∂z is formed in fp32 and cast once to the GEMM
+dtype for the two gradient GEMMs (what autograd does through a bf16 head); ∂L/∂W is accumulated over
+chunks in fp32 (in place when the GEMM dtype is fp32 or float64).
 """
 
 from __future__ import annotations
@@ -38,9 +42,18 @@ def _chunk_rows(vocab: int, chunk_rows: int | None, float64: bool) -> int:
     return chunk_rows or default_chunk_rows(vocab, HEAD_CHUNK_BYTES // (4 if float64 else 2))
 
 
+def gemm_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the model's head GEMM runs in here: the autocast dtype when autocast is on for the
+    device (float64 weights stay float64, as autocast leaves them), else the weight's dtype."""
+    kind = hidden.device.type
+    if weight.dtype != torch.float64 and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return weight.dtype
+
+
 def _logits(h: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``[r, V]`` z = h·Wᵀ/τ: the GEMM in the weight's dtype (as the model's head computes it), then
-    fp32 (float64 for a float64 weight)."""
+    """``[r, V]`` z = h·Wᵀ/τ: the GEMM in ``weight``'s dtype (the GEMM dtype; the model's head
+    output), then fp32 (float64 for a float64 weight)."""
     z = h.to(weight.dtype) @ weight.T
     z = z.float() if z.dtype != torch.float64 else z
     return z.div_(temperature)
@@ -106,43 +119,59 @@ def _backward_kernel(choice: str, hidden: torch.Tensor, weight: torch.Tensor) ->
         raise ValueError(f"head backward must be one of {', '.join(BACKWARDS)}, got {choice!r}")
     if choice == "triton" and not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("head backward 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the interpreter)")
+    if choice == "triton" and weight.dtype == torch.float64:
+        raise ValueError("head backward 'triton' computes in fp32; a float64 weight takes the 'torch' backward")
     return choice
 
 
 class _HeadLogpEntropy(torch.autograd.Function):
-    """(log q_y, H) with the module docstring's backward."""
+    """(log q_y, H) with the module docstring's backward; ``weight`` arrives already in the GEMM dtype
+    as ``w_gemm`` next to the parameter itself (whose dtype the weight gradient takes)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, ids, temperature, rows, backward):
-        logp, ent, lse = _forward_rows(hidden.detach(), weight.detach(), ids, temperature, rows)
-        ctx.save_for_backward(hidden, weight, ids, ent, lse)
-        ctx.temperature, ctx.rows, ctx.backward = temperature, rows, backward
+    def forward(ctx, hidden, weight, w_gemm, ids, temperature, rows, backward):
+        with torch.autocast(hidden.device.type, enabled=False):
+            logp, ent, lse = _forward_rows(hidden.detach(), w_gemm.detach(), ids, temperature, rows)
+        ctx.save_for_backward(hidden, w_gemm, ids, ent, lse)
+        ctx.temperature, ctx.rows, ctx.backward, ctx.weight_dtype = temperature, rows, backward, weight.dtype
+        ctx.device_type = hidden.device.type
         return logp, ent
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_logp, g_ent):
-        hidden, weight, ids, ent, lse = ctx.saved_tensors
-        tau, rows = ctx.temperature, ctx.rows
-        n, v = hidden.shape[0], weight.shape[0]
-        g_l = torch.zeros_like(ent) if g_logp is None else g_logp.to(ent.dtype)
-        g_h = torch.zeros_like(ent) if g_ent is None else g_ent.to(ent.dtype)
-        c = g_l + g_h * ent
-        if ctx.backward == "triton":
-            from entropy_lens.kernels.triton_head_grad import dz_triton as dz_of
-        else:
-            dz_of = dz_torch
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        d_hidden = torch.empty(n, hidden.shape[1], dtype=hidden.dtype, device=hidden.device) if want_h else None
-        d_weight = torch.zeros(v, weight.shape[1], dtype=ent.dtype, device=weight.device) if want_w else None
-        for i in range(0, n, rows):
-            j = min(i + rows, n)
-            dz = dz_of(hidden[i:j], weight, ids[i:j], lse[i:j], g_h[i:j], c[i:j], g_l[i:j], tau)
-            if want_h:
-                d_hidden[i:j] = (dz @ weight).to(hidden.dtype)
-            if want_w:
-                d_weight += dz.T @ hidden[i:j].to(weight.dtype)
-        return d_hidden, None if d_weight is None else d_weight.to(weight.dtype), None, None, None, None
+        with torch.autocast(ctx.device_type, enabled=False):
+            d_hidden, d_weight = _backward_rows(ctx, g_logp, g_ent)
+        return d_hidden, d_weight, None, None, None, None, None
+
+
+def _backward_rows(ctx, g_logp, g_ent):
+    """(∂L/∂h, ∂L/∂W) chunk by chunk (module docstring); None where no gradient is needed."""
+    hidden, w, ids, ent, lse = ctx.saved_tensors
+    tau, rows = ctx.temperature, ctx.rows
+    n, v = hidden.shape[0], w.shape[0]
+    g_l = torch.zeros_like(ent) if g_logp is None else g_logp.to(ent.dtype)
+    g_h = torch.zeros_like(ent) if g_ent is None else g_ent.to(ent.dtype)
+    c = g_l + g_h * ent
+    if ctx.backward == "triton":
+        from entropy_lens.kernels.triton_head_grad import dz_triton as dz_of
+    else:
+        dz_of = dz_torch
+    want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    d_hidden = torch.empty(n, hidden.shape[1], dtype=hidden.dtype, device=hidden.device) if want_h else None
+    d_weight = torch.zeros(v, w.shape[1], dtype=ent.dtype, device=w.device) if want_w else None
+    for i in range(0, n, rows):
+        j = min(i + rows, n)
+        dz = dz_of(hidden[i:j], w, ids[i:j], lse[i:j], g_h[i:j], c[i:j], g_l[i:j], tau)
+        if want_h:
+            d_hidden[i:j] = (dz @ w).to(hidden.dtype)
+        if want_w:
+            h = hidden[i:j].to(w.dtype)
+            if d_weight.dtype == w.dtype:  # fp32 / float64: accumulate in place
+                d_weight.addmm_(dz.T, h)
+            else:  # bf16 / fp16 GEMM: one [V, D] product per chunk, summed in fp32
+                d_weight += dz.T @ h
+    return d_hidden, None if d_weight is None else d_weight.to(ctx.weight_dtype)
 
 
 def head_logp_entropy(
@@ -157,6 +186,7 @@ def head_logp_entropy(
     linear LM head z = h·Wᵀ/τ: ``hidden`` [N, D], ``weight`` [V, D], ``token_ids`` y [N].
 
     ``chunk_rows`` rows of logits at a time (default: two fp32 ``[rows, V]`` buffers in 128 MiB),
+    the GEMMs in :func:`gemm_dtype` (autocast's when it is on),
     in the forward and again in the closed-form backward (module docstring); no vocabulary-width
     tensor outlives a chunk. ``backward``: ``torch`` (element-wise passes over the recomputed chunk),
     ``triton`` (one tile kernel, :mod:`entropy_lens.kernels.triton_head_grad`) or ``auto``
@@ -176,4 +206,5 @@ def head_logp_entropy(
         raise ValueError(f"token id out of range [0, {v}): min {int(ids.min())}, max {int(ids.max())}")
     rows = _chunk_rows(v, chunk_rows, weight.dtype == torch.float64)
     kernel = _backward_kernel(backward, hidden, weight)
-    return _HeadLogpEntropy.apply(hidden, weight, ids, float(temperature), rows, kernel)
+    w_gemm = weight.detach().to(gemm_dtype(hidden, weight))  # no copy when the dtypes agree
+    return _HeadLogpEntropy.apply(hidden, weight, w_gemm, ids, float(temperature), rows, kernel)

@@ -16,6 +16,8 @@ Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (the tests)
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -94,12 +96,19 @@ def dz_triton(
                    ("num_warps", num_warps), ("num_stages", num_stages)):
         if val is not None:
             cfg[k] = val
-    n, v, d = hidden.shape[0], weight.shape[0], weight.shape[1]
+    n, v = hidden.shape[0], weight.shape[0]
     dz = torch.empty(n, v, dtype=weight.dtype, device=hidden.device)
     if n == 0:
         return dz
     vec = [t.to(device=hidden.device, dtype=torch.float32).contiguous() for t in (lse, g_h, c, g_l)]
     grid = (triton.cdiv(n, cfg["block_n"]), triton.cdiv(v, cfg["block_v"]))
+    with torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext():  # launch on their GPU
+        _launch(grid, cfg, hidden, weight, ids, vec, dz, temperature)
+    return dz
+
+
+def _launch(grid, cfg, hidden, weight, ids, vec, dz, temperature) -> None:
+    n, v, d = hidden.shape[0], weight.shape[0], weight.shape[1]
     _dz_kernel[grid](
         hidden, weight, ids.contiguous(), *vec, dz,
         n, v, d, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), dz.stride(0),
@@ -110,4 +119,3 @@ def dz_triton(
         ROUND=weight.dtype != torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return dz

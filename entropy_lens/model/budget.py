@@ -20,8 +20,10 @@ heads, ``I`` MLP width (default 4d), ``V`` vocabulary, ``e`` bytes per parameter
                     + 4·M·V·4               fp32 logits, log-softmax, softmax and a gradient of them
                                             (autograd through the LM head), or
                     + 3·min(M, R)·V·4       with the closed-form head (a plain linear head, the
-                                            default): one chunk of R = 128 MiB / (8·V) rows in the
-                                            forward, two in backward (``kernels/head_grad.py``)
+                      [+ (4 + 2e)·V·d]      default): one chunk of R = 128 MiB / (8·V) rows in the
+                                            forward, two in backward (``kernels/head_grad.py``);
+                                            for e < 4 also its fp32 ∂L/∂W accumulator, one
+                                            chunk's [V, d] product and the cast back
                     [+ 2·L·b·h·S²·e]        eager attention only: scores and probabilities per layer
     jvp             = 6·b·h·S²·4            eager attention under forward-mode AD (scores and fp32
                                             probabilities with their tangents, one layer at a time)
@@ -92,6 +94,8 @@ def estimate_terms(
         from entropy_lens.kernels.head_grad import HEAD_CHUNK_BYTES
 
         head = 3 * min(M, max(1, HEAD_CHUNK_BYTES // (8 * max(vocab, 1)))) * vocab * 4
+        if dtype_bytes < 4:
+            head += (4 + 2 * dtype_bytes) * vocab * hidden
     else:
         head = 4 * M * vocab * 4
     update = b * S * n_layers * act + head
