@@ -68,15 +68,16 @@ def _forward_rows(
     out = torch.empty(3, n, dtype=torch.float64 if f64 else torch.float32, device=hidden.device)
     for i in range(0, n, rows):
         j = min(i + rows, n)
-        z = _logits(hidden[i:j], weight, temperature)
-        z_y = z.gather(-1, ids[i:j, None]).squeeze(-1)
         if f64:
+            z = _logits(hidden[i:j], weight, temperature)
             lse = torch.logsumexp(z, -1)
+            out[0, i:j] = z.gather(-1, ids[i:j, None]).squeeze(-1) - lse
             logq = z.sub_(lse[:, None])
-            out[0, i:j] = z_y - lse
             out[1, i:j] = -(logq.exp() * logq).sum(-1)
-        else:  # one read of the chunk by the statistics pass (τ already applied), which may overwrite it
-            st = logit_stats_auto(z, ids[i:j], 1.0, consume=True)
+        else:  # the head's output chunk as it is (bf16 on a bf16 head), read once by the statistics pass
+            z = hidden[i:j].to(weight.dtype) @ weight.T
+            z_y = z.gather(-1, ids[i:j, None]).squeeze(-1).float() / temperature
+            st = logit_stats_auto(z, ids[i:j], temperature, consume=True)  # may overwrite z
             out[0, i:j], out[1, i:j] = st.logp, st.entropy
             lse = z_y - st.logp
         out[2, i:j] = lse
