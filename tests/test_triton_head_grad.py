@@ -96,7 +96,17 @@ def test_triton_backward_gradients_equal_autograd():
     torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-5)
 
 
-def test_backward_choice_is_checked():
+def test_backward_choice_is_checked(monkeypatch):
     h, w = torch.randn(3, 4), torch.randn(5, 4)
+    ids = torch.zeros(3, dtype=torch.long)
     with pytest.raises(ValueError, match="head backward must be one of"):
-        head_logp_entropy(h, w, torch.zeros(3, dtype=torch.long), backward="cuda")
+        head_logp_entropy(h, w, ids, backward="cuda")
+    with pytest.raises(ValueError, match="a float64 weight takes the 'torch' backward"):
+        head_logp_entropy(h.double(), w.double(), ids, backward="triton")
+    monkeypatch.setenv("ENTROPY_LENS_HEAD_BACKWARD", "fast")
+    with pytest.raises(ValueError, match="ENTROPY_LENS_HEAD_BACKWARD must be torch or triton, got 'fast'"):
+        head_logp_entropy(h, w, ids)
+    monkeypatch.setenv("ENTROPY_LENS_HEAD_BACKWARD", "triton")  # off CUDA, auto stays with torch
+    logp, _ = head_logp_entropy(h.requires_grad_(), w, ids)
+    logp.sum().backward()
+    assert h.grad is not None

@@ -113,9 +113,12 @@ def _backward_kernel(choice: str, hidden: torch.Tensor, weight: torch.Tensor) ->
     off CUDA or for float64; the Triton kernel is opt-in until it is measured against the torch
     passes on a GPU (benchmarks/gpu_check.sh)."""
     if choice == "auto":
-        choice = os.environ.get("ENTROPY_LENS_HEAD_BACKWARD", "torch")
+        env = os.environ.get("ENTROPY_LENS_HEAD_BACKWARD", "torch")
+        if env not in BACKWARDS[1:]:
+            raise ValueError(f"ENTROPY_LENS_HEAD_BACKWARD must be torch or triton, got {env!r}")
         if not hidden.is_cuda or weight.dtype == torch.float64:
             return "torch"
+        choice = env
     if choice not in BACKWARDS[1:]:
         raise ValueError(f"head backward must be one of {', '.join(BACKWARDS)}, got {choice!r}")
     if choice == "triton" and not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
