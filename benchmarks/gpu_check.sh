@@ -28,7 +28,7 @@ step logits-bench 120 python -m benchmarks.logits_bench --device cuda --quick \
 # 3. the differentiable head (trainer / validate loss path): one pass, checkpointed chunks, closed-form head
 #    with the torch and the Triton backward; 1.5B-shaped head (hidden 1,536, V = 151,936), 8,192 rows, bf16
 step grad-head-bench 60 python -m benchmarks.grad_chunk_bench --device cuda --dtype bfloat16 --rows 8192 \
-  --vocab 151936 --hidden 1536 --chunk 1024 --reps 3 --out "$OUT/grad_head_cuda.json"
+  --vocab 151936 --hidden 1536 --chunk 128 --reps 3 --out "$OUT/grad_head_cuda.json"
 # 4. dh_jvp against forward + backward on a 1.5B-shaped model, bf16, 4 x 1,024 tokens, per attention path
 step jvp-bench 90 python -m benchmarks.jvp_bench --device cuda --dtype bfloat16 --hidden 1536 --layers 28 \
   --vocab 151936 --seqs 4 --tokens 1024 --reps 3 --out "$OUT/jvp_cuda.json"

@@ -36,6 +36,9 @@ def test_terms_follow_the_documented_formula():
     wide = bg.estimate_terms(lengths, L, d, h, 2**20, b, e, False, response_lengths=resp, intermediate=I,
                              closed_form_head=True)  # 16 rows a chunk, fewer than M = 37
     assert wide["update"] == b * S * L * act + 3 * 16 * 2**20 * 4
+    gpu = bg.estimate_terms(lengths, L, d, h, 2**20, b, e, False, response_lengths=resp, intermediate=I,
+                            closed_form_head=True, head_chunk_bytes=2**30)  # 128 rows, all 37 of M
+    assert gpu["update"] == b * S * L * act + 3 * M * 2**20 * 4
     low_closed = bg.estimate_terms(lengths, L, d, h, V, b, 2, False, response_lengths=resp, intermediate=I,
                                    closed_form_head=True)  # bf16: + the fp32 dL/dW accumulator and its temporaries
     assert low_closed["update"] == b * S * L * (12 * d + 6 * I) * 2 + 3 * min(M, rows) * V * 4 + (4 + 4) * V * d

@@ -33,13 +33,16 @@ from entropy_lens.kernels import logit_stats_auto
 from entropy_lens.logits import default_chunk_rows
 
 #: Bytes of the vocabulary-width buffers one chunk may use (forward: the logits chunk; backward:
-#: ∂L/∂z in fp32 and q).
+#: ∂L/∂z in fp32 and q): on the CPU, and on a GPU (where wider GEMMs and fewer launches pay more).
 HEAD_CHUNK_BYTES = 128 * 2**20
+HEAD_CHUNK_BYTES_CUDA = 2**30
 
 
-def _chunk_rows(vocab: int, chunk_rows: int | None, float64: bool) -> int:
-    """Rows per chunk: ``chunk_rows`` or two fp32 (float64) ``[rows, V]`` buffers in HEAD_CHUNK_BYTES."""
-    return chunk_rows or default_chunk_rows(vocab, HEAD_CHUNK_BYTES // (4 if float64 else 2))
+def _chunk_rows(vocab: int, chunk_rows: int | None, float64: bool, cuda: bool = False) -> int:
+    """Rows per chunk: ``chunk_rows`` or two fp32 (float64) ``[rows, V]`` buffers in HEAD_CHUNK_BYTES
+    (HEAD_CHUNK_BYTES_CUDA on CUDA)."""
+    budget = HEAD_CHUNK_BYTES_CUDA if cuda else HEAD_CHUNK_BYTES
+    return chunk_rows or default_chunk_rows(vocab, budget // (4 if float64 else 2))
 
 
 def gemm_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -189,7 +192,7 @@ def head_logp_entropy(
     """Differentiable ``(log q_y, H)`` ``[N]`` each (nats; fp32, float64 for a float64 weight) of the
     linear LM head z = h·Wᵀ/τ: ``hidden`` [N, D], ``weight`` [V, D], ``token_ids`` y [N].
 
-    ``chunk_rows`` rows of logits at a time (default: two fp32 ``[rows, V]`` buffers in 128 MiB),
+    ``chunk_rows`` rows of logits at a time (default: two fp32 ``[rows, V]`` buffers in 128 MiB; 1 GiB on CUDA),
     the GEMMs in :func:`gemm_dtype` (autocast's when it is on),
     in the forward and again in the closed-form backward (module docstring); no vocabulary-width
     tensor outlives a chunk. ``backward``: ``torch`` (element-wise passes over the recomputed chunk),
@@ -208,7 +211,7 @@ def head_logp_entropy(
         raise ValueError(f"token_ids has {ids.numel()} entries for {hidden.shape[0]} hidden rows")
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= v):
         raise ValueError(f"token id out of range [0, {v}): min {int(ids.min())}, max {int(ids.max())}")
-    rows = _chunk_rows(v, chunk_rows, weight.dtype == torch.float64)
+    rows = _chunk_rows(v, chunk_rows, weight.dtype == torch.float64, hidden.is_cuda)
     kernel = _backward_kernel(backward, hidden, weight)
     w_gemm = weight.detach().to(gemm_dtype(hidden, weight))  # no copy when the dtypes agree
     return _HeadLogpEntropy.apply(hidden, weight, w_gemm, ids, float(temperature), rows, kernel)

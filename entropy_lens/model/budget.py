@@ -20,8 +20,9 @@ heads, ``I`` MLP width (default 4d), ``V`` vocabulary, ``e`` bytes per parameter
                     + 4·M·V·4               fp32 logits, log-softmax, softmax and a gradient of them
                                             (autograd through the LM head), or
                     + 3·min(M, R)·V·4       with the closed-form head (a plain linear head, the
-                      [+ (4 + 2e)·V·d]      default): one chunk of R = 128 MiB / (8·V) rows in the
-                                            forward, two in backward (``kernels/head_grad.py``);
+                      [+ (4 + 2e)·V·d]      default): one chunk of R = 128 MiB / (8·V) rows (1 GiB
+                                            on CUDA) in the forward, two in backward
+                                            (``kernels/head_grad.py``);
                                             for e < 4 also its fp32 ∂L/∂W accumulator, one
                                             chunk's [V, d] product and the cast back
                     [+ 2·L·b·h·S²·e]        eager attention only: scores and probabilities per layer
@@ -73,6 +74,7 @@ def estimate_terms(
     n_params: int = 0,
     eager: bool = False,
     closed_form_head: bool = False,
+    head_chunk_bytes: int | None = None,
 ) -> dict[str, int]:
     """The terms of the module docstring's formula, in bytes: ``params``, ``update``, ``jvp``
     (0 when ``jvp`` is False), ``forward`` and ``peak``.
@@ -80,7 +82,8 @@ def estimate_terms(
     ``lengths``: packed tokens (prompt + response) per sequence; ``response_lengths``: response
     tokens per sequence (default: ``lengths``, an upper bound); ``eager``: the update runs with eager
     attention too (otherwise SDPA, linear in S); ``closed_form_head``: the update's LM head takes the
-    closed-form path (``model.forward.response_logp_entropy``, ``head="auto"`` on a plain linear head).
+    closed-form path (``model.forward.response_logp_entropy``, ``head="auto"`` on a plain linear head),
+    whose two ``[R, V]`` fp32 buffers take ``head_chunk_bytes`` (default ``HEAD_CHUNK_BYTES``, the CPU's).
     """
     if not lengths:
         return {"params": 0, "update": 0, "jvp": 0, "forward": 0, "peak": 0}
@@ -93,7 +96,8 @@ def estimate_terms(
     if closed_form_head:
         from entropy_lens.kernels.head_grad import HEAD_CHUNK_BYTES
 
-        head = 3 * min(M, max(1, HEAD_CHUNK_BYTES // (8 * max(vocab, 1)))) * vocab * 4
+        chunk = head_chunk_bytes or HEAD_CHUNK_BYTES
+        head = 3 * min(M, max(1, chunk // (8 * max(vocab, 1)))) * vocab * 4
         if dtype_bytes < 4:
             head += (4 + 2 * dtype_bytes) * vocab * hidden
     else:
@@ -197,6 +201,14 @@ def _size(n: float) -> str:
     return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / MiB:.0f} MiB"
 
 
+def _head_chunk_bytes(model) -> int:
+    """The closed-form head's chunk budget on the model's device (kernels/head_grad.py)."""
+    from entropy_lens.kernels.head_grad import HEAD_CHUNK_BYTES, HEAD_CHUNK_BYTES_CUDA
+
+    params = list(model.parameters())
+    return HEAD_CHUNK_BYTES_CUDA if params and params[0].is_cuda else HEAD_CHUNK_BYTES
+
+
 def check_budget(
     lengths: list[int],
     model,
@@ -222,7 +234,7 @@ def check_budget(
     terms = estimate_terms(
         lengths, dims["n_layers"], dims["hidden"], dims["n_heads"], dims["vocab"], micro_batch, dims["dtype_bytes"],
         jvp, response_lengths=response_lengths, intermediate=dims["intermediate"], n_params=dims["n_params"], eager=eager,
-        closed_form_head=closed_form_head_applies(model),
+        closed_form_head=closed_form_head_applies(model), head_chunk_bytes=_head_chunk_bytes(model),
     )
     if available is None:
         params = list(model.parameters())
