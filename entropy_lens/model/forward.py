@@ -158,10 +158,15 @@ def response_stats(
 GRAD_CHUNK_BYTES = 256 * 2**20
 
 
-def _logp_entropy_rows(model, hidden: torch.Tensor, ids: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _logp_entropy_rows(
+    model, hidden: torch.Tensor, ids: torch.Tensor, temperature: float, promote: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log p of ids, H)`` ``[r]`` each (nats) for hidden rows ``[r, D]``, differentiable:
-    z = head(h)/τ, log q = log_softmax(z), log p = log q[id], H = −Σ_v q_v log q_v (fp32)."""
-    logq = torch.log_softmax(head_logits(model, hidden).float() / temperature, dim=-1)
+    z = head(h)/τ, log q = log_softmax(z), log p = log q[id], H = −Σ_v q_v log q_v, in fp32 (with
+    ``promote``: in the logits' dtype when it is wider, i.e. float64 for a float64 model)."""
+    z = head_logits(model, hidden)
+    z = z.to(torch.promote_types(z.dtype, torch.float32)) if promote else z.float()
+    logq = torch.log_softmax(z / temperature, dim=-1)
     logp = logq.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     return logp, -(torch.exp(logq) * logq).sum(-1)
 
@@ -238,26 +243,29 @@ def response_logp_entropy(
     return scatter_rows(logp, packed.mask), scatter_rows(ent, packed.mask)
 
 
-class _ResponseEntropy(torch.nn.Module):
-    """Module view ``() -> H [M]`` of a causal LM on one packed batch (for functional_call)."""
+class ResponseEntropy(torch.nn.Module):
+    """Module view ``() -> H [M]`` (nats) of a causal LM on one packed batch, for
+    ``torch.func.functional_call`` (the JVP, the attribution). The softmax runs in fp32, or with
+    ``promote`` in the logits' dtype when that is wider (float64 models keep float64)."""
 
-    def __init__(self, model, packed: PackedBatch, temperature: float):
+    def __init__(self, model, packed: PackedBatch, temperature: float, promote: bool = False):
         super().__init__()
         self.model = model
         self.packed = packed
         self.temperature = temperature
+        self.promote = promote
 
     def forward(self) -> torch.Tensor:
         h = response_hidden(self.model, self.packed)
         ids = self.packed.response_ids[self.packed.mask]
-        return _logp_entropy_rows(self.model, h, ids, self.temperature)[1]
+        return _logp_entropy_rows(self.model, h, ids, self.temperature, self.promote)[1]
 
 
 def response_entropy_fn(model, packed: PackedBatch, temperature: float = 1.0):
     """``params -> H [M]`` (nats) over the valid response states of ``packed``, with the model's
     parameters replaced by ``params`` (names as in ``model.named_parameters()``); for
     :func:`estimators.dh_jvp`. Tied weights (embedding = LM head) stay tied."""
-    view = _ResponseEntropy(model, packed, temperature)
+    view = ResponseEntropy(model, packed, temperature)
 
     def fn(params: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.func.functional_call(view, {f"model.{k}": v for k, v in params.items()}, (), tie_weights=True, strict=False)

@@ -24,8 +24,7 @@ from entropy_lens import estimators as est
 from entropy_lens.advantages import compute_advantages
 from entropy_lens.model.forward import (
     PackedBatch,
-    head_logits,
-    response_hidden,
+    ResponseEntropy,
     response_logp_entropy,
     response_stats,
     scatter_rows,
@@ -97,23 +96,10 @@ def head_roles(model) -> tuple[str | None, str | None]:
     return emb, next(n for n in shared if n != emb)
 
 
-class _Entropy(torch.nn.Module):
-    """Module view ``() -> H [M]`` (nats) of a causal LM on one packed batch."""
-
-    def __init__(self, model, packed: PackedBatch, temperature: float):
-        super().__init__()
-        self.model, self.packed, self.temperature = model, packed, temperature
-
-    def forward(self) -> torch.Tensor:
-        z = head_logits(self.model, response_hidden(self.model, self.packed))
-        logq = torch.log_softmax(z.to(torch.promote_types(z.dtype, torch.float32)) / self.temperature, -1)
-        return -(torch.exp(logq) * logq).sum(-1)
-
-
 def role_entropy_fn(model, packed: PackedBatch, temperature: float):
     """``params -> H [M]`` with tied weights untied: the input embedding and the LM head take the
     values given under their own names, so a tangent can move one role of a shared matrix."""
-    view = _Entropy(model, packed, temperature)
+    view = ResponseEntropy(model, packed, temperature, promote=True)
 
     def fn(params: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.func.functional_call(view, {f"model.{k}": v for k, v in params.items()}, (), tie_weights=False, strict=False)
