@@ -38,11 +38,14 @@ HEAD_CHUNK_BYTES = 128 * 2**20
 HEAD_CHUNK_BYTES_CUDA = 2**30
 
 
-def _chunk_rows(vocab: int, chunk_rows: int | None, float64: bool, cuda: bool = False) -> int:
-    """Rows per chunk: ``chunk_rows`` or two fp32 (float64) ``[rows, V]`` buffers in HEAD_CHUNK_BYTES
-    (HEAD_CHUNK_BYTES_CUDA on CUDA)."""
-    budget = HEAD_CHUNK_BYTES_CUDA if cuda else HEAD_CHUNK_BYTES
-    return chunk_rows or default_chunk_rows(vocab, budget // (4 if float64 else 2))
+def default_chunk_bytes(cuda: bool) -> int:
+    """The chunk budget of the vocabulary-width buffers on the CPU or on a CUDA device."""
+    return HEAD_CHUNK_BYTES_CUDA if cuda else HEAD_CHUNK_BYTES
+
+
+def grad_chunk_rows(vocab: int, chunk_bytes: int = HEAD_CHUNK_BYTES, float64: bool = False) -> int:
+    """Rows per chunk so that two fp32 (float64) ``[rows, V]`` buffers fit in ``chunk_bytes``."""
+    return default_chunk_rows(vocab, chunk_bytes // (4 if float64 else 2))
 
 
 def gemm_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -211,7 +214,7 @@ def head_logp_entropy(
         raise ValueError(f"token_ids has {ids.numel()} entries for {hidden.shape[0]} hidden rows")
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= v):
         raise ValueError(f"token id out of range [0, {v}): min {int(ids.min())}, max {int(ids.max())}")
-    rows = _chunk_rows(v, chunk_rows, weight.dtype == torch.float64, hidden.is_cuda)
+    rows = chunk_rows or grad_chunk_rows(v, default_chunk_bytes(hidden.is_cuda), weight.dtype == torch.float64)
     kernel = _backward_kernel(backward, hidden, weight)
     w_gemm = weight.detach().to(gemm_dtype(hidden, weight))  # no copy when the dtypes agree
     return _HeadLogpEntropy.apply(hidden, weight, w_gemm, ids, float(temperature), rows, kernel)

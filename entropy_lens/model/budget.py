@@ -44,7 +44,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from entropy_lens.kernels.head_grad import (
+    HEAD_CHUNK_BYTES,
+    default_chunk_bytes,
+    grad_chunk_rows,
+)
 from entropy_lens.model.forward import closed_form_head_applies
+from entropy_lens.model.load import model_device
 
 MiB = 2**20
 GiB = 2**30
@@ -94,10 +100,7 @@ def estimate_terms(
     act = _act_per_token(hidden, intermediate or 4 * hidden, dtype_bytes)
     params = 4 * n_params * dtype_bytes if dtype_bytes >= 4 else n_params * (dtype_bytes + 12)
     if closed_form_head:
-        from entropy_lens.kernels.head_grad import HEAD_CHUNK_BYTES
-
-        chunk = head_chunk_bytes or HEAD_CHUNK_BYTES
-        head = 3 * min(M, max(1, chunk // (8 * max(vocab, 1)))) * vocab * 4
+        head = 3 * min(M, grad_chunk_rows(vocab, head_chunk_bytes or HEAD_CHUNK_BYTES)) * vocab * 4
         if dtype_bytes < 4:
             head += (4 + 2 * dtype_bytes) * vocab * hidden
     else:
@@ -201,14 +204,6 @@ def _size(n: float) -> str:
     return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / MiB:.0f} MiB"
 
 
-def _head_chunk_bytes(model) -> int:
-    """The closed-form head's chunk budget on the model's device (kernels/head_grad.py)."""
-    from entropy_lens.kernels.head_grad import HEAD_CHUNK_BYTES, HEAD_CHUNK_BYTES_CUDA
-
-    params = list(model.parameters())
-    return HEAD_CHUNK_BYTES_CUDA if params and params[0].is_cuda else HEAD_CHUNK_BYTES
-
-
 def check_budget(
     lengths: list[int],
     model,
@@ -234,7 +229,8 @@ def check_budget(
     terms = estimate_terms(
         lengths, dims["n_layers"], dims["hidden"], dims["n_heads"], dims["vocab"], micro_batch, dims["dtype_bytes"],
         jvp, response_lengths=response_lengths, intermediate=dims["intermediate"], n_params=dims["n_params"], eager=eager,
-        closed_form_head=closed_form_head_applies(model), head_chunk_bytes=_head_chunk_bytes(model),
+        closed_form_head=closed_form_head_applies(model),
+        head_chunk_bytes=default_chunk_bytes(model_device(model).type == "cuda"),
     )
     if available is None:
         params = list(model.parameters())

@@ -216,10 +216,10 @@ def response_logp_entropy(
     h = response_hidden(model, packed)
     ids = packed.response_ids[packed.mask]
     M = h.shape[0]
-    closed = head == "closed-form" or (head == "auto" and torch.is_grad_enabled() and closed_form_head_applies(model))
-    if closed:
-        if not closed_form_head_applies(model):
-            raise ValueError("head='closed-form' needs a linear LM head without bias or logit soft-capping")
+    applies = closed_form_head_applies(model)
+    if head == "closed-form" and not applies:
+        raise ValueError("head='closed-form' needs a linear LM head without bias or logit soft-capping")
+    if head == "closed-form" or (head == "auto" and applies and torch.is_grad_enabled()):
         from entropy_lens.kernels.head_grad import head_logp_entropy
 
         weight = model.get_output_embeddings().weight

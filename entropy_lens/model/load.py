@@ -350,11 +350,10 @@ def _hook_device(model, module):
     ``model`` (a device map hooks the modules it places), or None without one."""
     import torch
 
-    names = {id(m): name for name, m in model.named_modules()}
-    name = names.get(id(module))
+    modules = dict(model.named_modules())
+    name = next((n for n, m in modules.items() if m is module), None)
     if name is None:
         return None
-    modules = dict(model.named_modules())
     parts = name.split(".") if name else []
     for k in range(len(parts), -1, -1):
         hook = getattr(modules.get(".".join(parts[:k])), "_hf_hook", None)
